@@ -1,0 +1,263 @@
+"""Dataset registry: every entry turns (data_dir, split, image_size) into a torch Dataset of
+``(image, label)`` pairs, image a float tensor (C, H, W) in [0, 1] on the 8-bit grid.
+
+Images are quantized to uint8 once, here, so that every family and every metric sees the same
+8-bit data (the discretization that bits/dim and FID assume). Small datasets are held in memory
+as one uint8 tensor; folder datasets are read lazily.
+
+Splits are deterministic and disjoint. Datasets that ship only train/test (digits, MNIST,
+CIFAR-10, image folders) carve ``val`` out of train with a permutation that depends only on the
+dataset, never on the run seed, so that every run and every cache key sees the same split.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+SPLITS = ("train", "val", "test")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+_SPLIT_SEED = 20_240_101  # fixed: splits must not move with the run seed
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """Raised when a dataset is not on disk and cannot (or may not) be downloaded."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    channels: int
+    native_size: int
+    num_classes: int
+
+
+class TensorImageDataset(Dataset):
+    """In-memory uint8 images (N, C, H, W) with integer labels (N,)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise TypeError(f"expected uint8 (N, C, H, W) images, got {images.dtype} {tuple(images.shape)}")
+        self.images = images
+        self.labels = labels.long()
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int):
+        return self.images[index].float().div_(255.0), int(self.labels[index])
+
+
+class FileImageDataset(Dataset):
+    """Images read from files on access, center-cropped and resized to a square ``image_size``."""
+
+    def __init__(self, files: list[Path], labels: list[int], image_size: int, channels: int,
+                 crop: int | None = None):
+        self.files, self.labels = list(files), list(labels)
+        self.image_size, self.channels, self.crop = image_size, channels, crop
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int):
+        with Image.open(self.files[index]) as img:
+            img = img.convert("RGB" if self.channels == 3 else "L")
+            array = _center_crop_resize(img, self.image_size, self.crop)
+        return torch.from_numpy(array).float().div_(255.0), self.labels[index]
+
+
+def _center_crop_resize(img: Image.Image, size: int, crop: int | None) -> np.ndarray:
+    """Center-crop to ``crop`` (default: the short side) then resize with antialiasing -> uint8 CHW."""
+    w, h = img.size
+    c = min(w, h) if crop is None else crop
+    if c > min(w, h):
+        raise ValueError(f"cannot center-crop {c}x{c} from an image of size {w}x{h}")
+    left, top = (w - c) // 2, (h - c) // 2
+    img = img.crop((left, top, left + c, top + c))
+    if c != size:
+        img = img.resize((size, size), Image.BICUBIC, reducing_gap=None)
+    array = np.asarray(img, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1).copy()
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize uint8 (N, C, H, W) images to ``size`` x ``size`` (bilinear, antialiased), back on the 8-bit grid."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False,
+                        antialias=True)
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+def split_indices(n: int, split: str, val_size: int, test_size: int | None = None) -> np.ndarray:
+    """Deterministic disjoint split of range(n): a fixed permutation cut into test | val | train.
+
+    ``test_size=None`` means the dataset has its own test set, so only val is cut from ``n``.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {SPLITS}")
+    perm = np.random.default_rng(_SPLIT_SEED).permutation(n)
+    t = test_size or 0
+    if t + val_size >= n:
+        raise ValueError(f"val_size={val_size} and test_size={t} leave no training images out of {n}")
+    parts = {"test": perm[:t], "val": perm[t:t + val_size], "train": perm[t + val_size:]}
+    return np.sort(parts[split])
+
+
+# --------------------------------------------------------------------------- registry entries
+
+def load_digits_split(data_dir: str, split: str, image_size: int, download: bool = False,
+                      val_size: int = 100, test_size: int = 300) -> Dataset:
+    """scikit-learn's 8x8 handwritten digits (1797 images, 17 grey levels 0..16), shipped offline."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    idx = split_indices(len(digits.images), split, val_size, test_size)
+    levels = torch.from_numpy(digits.images[idx]).float()            # (N, 8, 8) in 0..16
+    images = (levels * (255.0 / 16.0)).round().to(torch.uint8)[:, None]  # (N, 1, 8, 8)
+    images = resize_uint8(images, image_size)
+    return TensorImageDataset(images, torch.from_numpy(digits.target[idx]))
+
+
+def _torchvision_call(factory: Callable, name: str, root: Path, download: bool, hint: str):
+    try:
+        return factory(download=download)
+    except RuntimeError as err:  # torchvision: "Dataset not found or corrupted..."
+        raise DatasetNotFoundError(
+            f"dataset '{name}' was not found under {root} and "
+            + ("downloading it failed" if download else "download is off")
+            + f". {hint} Or set datamodule.download=true on a machine with internet access."
+        ) from err
+    except OSError as err:  # URLError etc. while downloading offline
+        raise DatasetNotFoundError(
+            f"dataset '{name}' is not under {root} and could not be downloaded ({err}). {hint}"
+        ) from err
+
+
+def _mnist_like(cls_name: str, name: str):
+    def load(data_dir: str, split: str, image_size: int, download: bool = False,
+             val_size: int = 5000) -> Dataset:
+        import torchvision.datasets as tvd
+
+        cls = getattr(tvd, cls_name)
+        root = Path(data_dir)
+        hint = (f"Put the four idx files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+                f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte) in {root / cls_name / 'raw'}.")
+        ds = _torchvision_call(lambda download: cls(str(root), train=split != "test", download=download),
+                               name, root, download, hint)
+        images, labels = ds.data[:, None].contiguous(), ds.targets  # (N, 1, 28, 28) uint8
+        if split != "test":
+            idx = torch.from_numpy(split_indices(len(images), split, val_size))
+            images, labels = images[idx], labels[idx]
+        return TensorImageDataset(resize_uint8(images, image_size), labels)
+
+    return load
+
+
+def load_cifar10_split(data_dir: str, split: str, image_size: int, download: bool = False,
+                       val_size: int = 5000) -> Dataset:
+    """CIFAR-10 from torchvision's python-pickle batches (50k train / 10k test)."""
+    import torchvision.datasets as tvd
+
+    class _CIFAR10(tvd.CIFAR10):
+        # torchvision md5-checks every batch file on each load; the archive checksum is still
+        # verified at download time, so on load we only require the files to be present.
+        def _check_integrity(self) -> bool:
+            return all((Path(self.root) / self.base_folder / f).is_file()
+                       for f, _ in self.train_list + self.test_list)
+
+    root = Path(data_dir)
+    hint = (f"Extract cifar-10-python.tar.gz so that {root / 'cifar-10-batches-py'} holds "
+            f"data_batch_1..5 and test_batch.")
+    ds = _torchvision_call(lambda download: _CIFAR10(str(root), train=split != "test", download=download),
+                           "cifar10", root, download, hint)
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
+    labels = torch.as_tensor(ds.targets)
+    if split != "test":
+        idx = torch.from_numpy(split_indices(len(images), split, val_size))
+        images, labels = images[idx], labels[idx]
+    return TensorImageDataset(resize_uint8(images, image_size), labels)
+
+
+def load_celeba64_split(data_dir: str, split: str, image_size: int, download: bool = False,
+                        crop: int = 140) -> Dataset:
+    """CelebA aligned faces, 140x140 center crop resized to ``image_size`` (the 64x64 protocol of
+    the DDPM/DDIM papers). Uses the official partition file (0 train, 1 val, 2 test)."""
+    root = Path(data_dir) / "celeba"
+    images_dir, partition = root / "img_align_celeba", root / "list_eval_partition.txt"
+    if not (images_dir.is_dir() and partition.is_file()):
+        hint = f"Put img_align_celeba/ and list_eval_partition.txt in {root}."
+        if not download:
+            raise DatasetNotFoundError(f"dataset 'celeba64' was not found under {root} and download is off. {hint} "
+                                       "Or set datamodule.download=true on a machine with internet access.")
+        import torchvision.datasets as tvd
+        _torchvision_call(lambda download: tvd.CelebA(str(Path(data_dir)), split="all", target_type=[],
+                                                       download=download),
+                          "celeba64", root, True, hint)
+    wanted = str(SPLITS.index(split))
+    files = []
+    for line in partition.read_text().split("\n"):
+        parts = line.split()
+        if len(parts) == 2 and parts[1] == wanted:
+            files.append(images_dir / parts[0])
+    if not files:
+        raise DatasetNotFoundError(f"{partition} lists no images for split {split!r}")
+    return FileImageDataset(files, [0] * len(files), image_size, channels=3, crop=crop)
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """All image files under ``folder`` (recursive), sorted for determinism."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def load_image_folder_split(data_dir: str, split: str, image_size: int, download: bool = False,
+                            channels: int = 3, val_fraction: float = 0.05,
+                            test_fraction: float = 0.05) -> Dataset:
+    """Any folder of images. Sub-folders are classes (sorted names); a flat folder is one class."""
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise DatasetNotFoundError(f"image folder {folder} does not exist; set datamodule.data_dir to a "
+                                   f"folder of {', '.join(IMAGE_EXTENSIONS)} files")
+    files = list_image_files(folder)
+    if not files:
+        raise DatasetNotFoundError(f"image folder {folder} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+    classes = sorted({f.parent.relative_to(folder).as_posix() for f in files})
+    labels = [classes.index(f.parent.relative_to(folder).as_posix()) for f in files]
+    n = len(files)
+    val_size, test_size = max(1, int(n * val_fraction)), max(1, int(n * test_fraction))
+    idx = split_indices(n, split, val_size, test_size)
+    return FileImageDataset([files[i] for i in idx], [labels[i] for i in idx], image_size, channels)
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    load: Callable[..., Dataset]
+    info: DatasetInfo
+    subdir: str  # where under paths.data_dir the files live ("" = data_dir itself)
+
+
+REGISTRY: dict[str, DatasetEntry] = {
+    "digits": DatasetEntry(load_digits_split, DatasetInfo(1, 8, 10), ""),
+    "mnist": DatasetEntry(_mnist_like("MNIST", "mnist"), DatasetInfo(1, 28, 10), ""),
+    "fashion_mnist": DatasetEntry(_mnist_like("FashionMNIST", "fashion_mnist"), DatasetInfo(1, 28, 10), ""),
+    "cifar10": DatasetEntry(load_cifar10_split, DatasetInfo(3, 32, 10), ""),
+    "celeba64": DatasetEntry(load_celeba64_split, DatasetInfo(3, 64, 0), ""),
+    "image_folder": DatasetEntry(load_image_folder_split, DatasetInfo(3, 0, 0), ""),
+}
+
+
+def get_entry(name: str) -> DatasetEntry:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown dataset {name!r}; registered: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def load_split(name: str, data_dir: str | os.PathLike, split: str, image_size: int,
+               download: bool = False, **options) -> Dataset:
+    return get_entry(name).load(str(data_dir), split, image_size, download=download, **options)

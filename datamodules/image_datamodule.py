@@ -1,0 +1,108 @@
+"""The one LightningDataModule every family trains on and every metric reads."""
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.datasets import get_entry, load_split
+
+
+class RandomHorizontalFlip(Dataset):
+    """Wraps a dataset; flips each image left-right with probability 1/2 (CIFAR/CelebA training)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        if torch.rand(()) < 0.5:
+            image = image.flip(-1)
+        return image, label
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Float images in [0, 1], shape (channels, image_size, image_size), with integer labels.
+
+    Args:
+        name: registry key (digits, mnist, fashion_mnist, cifar10, celeba64, image_folder).
+        data_dir: where the files live (image_folder: the folder itself).
+        image_size: side length after resize; must match what the model was built for.
+        channels, num_classes: declared in the config so that model configs can interpolate
+            them (``${datamodule.channels}``); checked against the data in ``setup``.
+        batch_size: the GLOBAL batch size; each of the world_size processes loads
+            batch_size // world_size images per step.
+        random_flip: horizontal flips of training images.
+        download: allow torchvision to download a missing dataset.
+        options: extra keyword arguments of the registry loader (e.g. val_size).
+    """
+
+    def __init__(self, name: str = "digits", data_dir: str = "data", image_size: int = 8,
+                 channels: int = 1, num_classes: int = 10, batch_size: int = 64,
+                 num_workers: int = 0, random_flip: bool = False, download: bool = False,
+                 pin_memory: bool = False, options: dict[str, Any] | None = None):
+        super().__init__()
+        entry = get_entry(name)  # unknown names fail here, before anything is loaded
+        if entry.info.channels and name != "image_folder" and channels != entry.info.channels:
+            raise ValueError(f"dataset {name!r} has {entry.info.channels} channel(s), config says "
+                             f"channels={channels}; fix datamodule.channels")
+        if image_size < 4:
+            raise ValueError(f"image_size={image_size} is too small; use at least 4")
+        self.name, self.data_dir, self.image_size = name, str(data_dir), int(image_size)
+        self.channels, self.num_classes = int(channels), int(num_classes)
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.random_flip, self.download, self.pin_memory = random_flip, download, pin_memory
+        self.options = dict(options or {})
+        self.batch_size_per_device = self.batch_size
+        self._splits: dict[str, Dataset] = {}
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.image_size, self.image_size)
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: the only place a download may happen.
+        if self.download:
+            load_split(self.name, self.data_dir, "test", self.image_size, download=True, **self.options)
+
+    def setup(self, stage: str | None = None) -> None:
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        if self.batch_size % world_size:
+            raise ValueError(f"datamodule.batch_size={self.batch_size} (global) is not divisible by "
+                             f"the {world_size} processes; pick a multiple of {world_size}")
+        self.batch_size_per_device = self.batch_size // world_size
+        for split in ("train", "val", "test"):
+            self.split(split)
+
+    def split(self, split: str) -> Dataset:
+        """The un-augmented dataset of one split, loaded once and checked against the config."""
+        if split not in self._splits:
+            ds = load_split(self.name, self.data_dir, split, self.image_size, download=False, **self.options)
+            image, _ = ds[0]
+            if tuple(image.shape) != self.image_shape:
+                raise ValueError(f"dataset {self.name!r} yields images of shape {tuple(image.shape)}, "
+                                 f"config expects {self.image_shape}; fix datamodule.channels/image_size")
+            self._splits[split] = ds
+        return self._splits[split]
+
+    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.batch_size_per_device, shuffle=shuffle,
+                          drop_last=drop_last, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.split("train")
+        if self.random_flip:
+            ds = RandomHorizontalFlip(ds)
+        return self._loader(ds, shuffle=True, drop_last=len(ds) >= self.batch_size_per_device)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.split("val"), shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.split("test"), shuffle=False)

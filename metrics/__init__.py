@@ -1,0 +1,1 @@
+"""Feature extractors, feature-space metrics, the evaluation callback and results files."""

@@ -1,0 +1,84 @@
+"""The one evaluation callback every family is scored by."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from pytorch_lightning.loggers import WandbLogger
+
+from metrics.evaluation import EvaluationResult, Evaluator, save_png
+from metrics.results import append_jsonl
+
+log = logging.getLogger(__name__)
+
+
+class EvaluationCallback(pl.Callback):
+    """Evaluates every ``every_n_steps`` optimizer steps (0 = never during training) and once at
+    the end of training, with ``sampler`` during training and ``final_sampler`` at the end.
+
+    Logs ``eval/<metric>`` to every logger, saves ``samples/step<k>.png``, appends one line per
+    evaluation to ``eval_history.jsonl`` and keeps the final result in ``final`` for results.json.
+    Evaluation wall time is accumulated separately from training time (``eval_seconds``).
+    """
+
+    def __init__(self, every_n_steps: int = 0, num_samples: int = 256, batch_size: int = 256,
+                 bpd_num_images: int = 64, sampler: dict[str, Any] | None = None,
+                 final_sampler: dict[str, Any] | None = None, grid_size: int = 64, seed: int = 0,
+                 output_dir: str = ".", feature_metrics=None):
+        super().__init__()
+        self.every_n_steps = int(every_n_steps)
+        self.sampler, self.final_sampler = dict(sampler or {}), dict(final_sampler or {})
+        self.output_dir = Path(output_dir)
+        self.evaluator = Evaluator(num_samples, batch_size, bpd_num_images, grid_size, seed, feature_metrics)
+        self.final: EvaluationResult | None = None
+        self.eval_seconds = 0.0
+        self._last_step = -1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"eval_seconds": self.eval_seconds, "last_step": self._last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.eval_seconds = state_dict.get("eval_seconds", 0.0)
+        self._last_step = state_dict.get("last_step", -1)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = pl_module.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.run(trainer, pl_module, final=False)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self.final = self.run(trainer, pl_module, final=True)
+
+    def run(self, trainer: pl.Trainer, pl_module, final: bool) -> EvaluationResult:
+        step = pl_module.global_step
+        t0 = time.perf_counter()
+        test_set = trainer.datamodule.split("test") if trainer.datamodule is not None else None
+        result = self.evaluator.evaluate(pl_module, test_set, self.final_sampler if final else self.sampler)
+        self.eval_seconds += time.perf_counter() - t0
+        self._last_step = step
+        if trainer.is_global_zero:
+            self._publish(trainer, result, step, final)
+        return result
+
+    def _publish(self, trainer: pl.Trainer, result: EvaluationResult, step: int, final: bool) -> None:
+        metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        if result.grid is not None:
+            samples_dir = self.output_dir / "samples"
+            samples_dir.mkdir(parents=True, exist_ok=True)
+            path = samples_dir / f"step{step:07d}.png"
+            save_png(result.grid, path)
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_image("eval/samples", [result.grid.numpy()], step=step,
+                                     caption=[f"step {step}, {result.sampler}"])
+        append_jsonl(self.output_dir / "eval_history.jsonl",
+                     {"step": step, "final": final, "num_samples": result.num_samples,
+                      "feature_extractor": result.feature_extractor, "sampler": result.sampler,
+                      "metrics": result.metrics})
+        shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items())
+        log.info("evaluation at step %d (%d samples, sampler %s): %s", step, result.num_samples, result.sampler, shown)

@@ -1,0 +1,165 @@
+"""Model-agnostic evaluation: uses only the GenerativeModule interface and a test split.
+
+One call of :meth:`Evaluator.evaluate` draws exactly ``num_samples`` images in total, sharded
+across processes (sample i is seeded by ``seed * 10**9 + i`` so results do not depend on world or
+batch size), quantizes them to 8 bits as a saved PNG would, and measures:
+  - bits/dim on ``bpd_num_images`` test images (families with a likelihood; marked exact or bound),
+  - network evaluations per sample (``sampling_cost``) and device-seconds per sample,
+  - a sample grid (the first ``grid_size`` samples).
+Feature-space metrics are added by :mod:`metrics.features` when an extractor is configured.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from metrics.distributed import all_reduce_sum, gather_by_index, rank_and_world, shard
+from models.base import SampleNoise, bits_per_dim, check_images
+
+SEED_STRIDE = 10 ** 9
+
+
+def quantize(images: Tensor) -> Tensor:
+    """[0, 1] floats -> uint8 by clamp and round (the same for real and generated images)."""
+    return images.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
+
+
+def image_grid(images: Tensor, nrow: int | None = None, pad: int = 1) -> Tensor:
+    """(N, C, H, W) uint8 -> one (H', W', C) uint8 grid image (square-ish, white padding)."""
+    n, c, h, w = images.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
+    for k in range(n):
+        r, col = divmod(k, nrow)
+        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[k]
+    return grid.permute(1, 2, 0)
+
+
+def save_png(array_hwc: Tensor, path) -> None:
+    from PIL import Image
+
+    arr = array_hwc.cpu().numpy()
+    Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr).save(path)
+
+
+@dataclass
+class EvaluationResult:
+    metrics: dict[str, float]
+    grid: Tensor | None                      # (H, W, C) uint8
+    num_samples: int
+    sampler: dict[str, Any]
+    feature_extractor: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Evaluator:
+    """Args:
+        num_samples: generated images in total across processes.
+        batch_size: images per ``sample`` call on each process.
+        bpd_num_images: test images for bits/dim (0 = skip).
+        grid_size: images in the sample grid.
+        seed: base seed of the per-sample streams.
+        feature_metrics: optional :class:`metrics.features.FeatureMetrics` (FID, IS, P/R, ...).
+    """
+
+    def __init__(self, num_samples: int = 256, batch_size: int = 256, bpd_num_images: int = 64,
+                 grid_size: int = 64, seed: int = 0, feature_metrics=None):
+        if num_samples < 1:
+            raise ValueError(f"evaluation.num_samples must be >= 1, got {num_samples}")
+        self.num_samples, self.batch_size = int(num_samples), int(batch_size)
+        self.bpd_num_images, self.grid_size, self.seed = int(bpd_num_images), int(grid_size), int(seed)
+        self.feature_metrics = feature_metrics
+
+    def _seeds(self, indices: list[int], offset: int = 0) -> list[int]:
+        return [(self.seed + offset) * SEED_STRIDE + i for i in indices]
+
+    @torch.no_grad()
+    def generate(self, module, sampler: dict[str, Any],
+                 consume: Callable[[Tensor, list[int]], None]) -> float:
+        """Draw this rank's share of the samples in batches, pass each uint8 batch (with its global
+        indices) to ``consume``; return the seconds spent sampling on this rank."""
+        rank, world = rank_and_world()
+        mine = list(shard(self.num_samples, rank, world))
+        seconds = 0.0
+        for start in range(0, len(mine), self.batch_size):
+            idx = mine[start:start + self.batch_size]
+            noise = SampleNoise(self._seeds(idx), module.device)
+            if module.device.type == "cuda":
+                torch.cuda.synchronize(module.device)
+            t0 = time.perf_counter()
+            images = module.sample(len(idx), generator=noise, **sampler)
+            if module.device.type == "cuda":
+                torch.cuda.synchronize(module.device)
+            seconds += time.perf_counter() - t0
+            check_images(images, module.image_shape, f"{type(module).__name__}.sample")
+            consume(quantize(images), idx)
+        return seconds
+
+    @torch.no_grad()
+    def bits_per_dim(self, module, test_set: Dataset) -> float:
+        """Mean bits/dim over the first ``bpd_num_images`` test images, sharded across processes."""
+        n = min(self.bpd_num_images, len(test_set))
+        rank, world = rank_and_world()
+        mine = list(shard(n, rank, world))
+        total = torch.zeros(2, dtype=torch.float64, device=module.device)
+        for start in range(0, len(mine), self.batch_size):
+            idx = mine[start:start + self.batch_size]
+            x = torch.stack([test_set[i][0] for i in idx]).to(module.device)
+            nats = -module.log_likelihood(x, generator=SampleNoise(self._seeds(idx, offset=1), module.device))
+            bpd = bits_per_dim(nats.double(), module.num_dims)
+            if not torch.isfinite(bpd).all():
+                raise FloatingPointError(f"{type(module).__name__}.log_likelihood returned non-finite values")
+            total += torch.stack([bpd.sum(), torch.tensor(float(len(idx)), dtype=torch.float64, device=bpd.device)])
+        total = all_reduce_sum(total)
+        return float(total[0] / total[1])
+
+    @torch.no_grad()
+    def evaluate(self, module, test_set: Dataset | None, sampler: dict[str, Any] | None = None) -> EvaluationResult:
+        sampler = module.sampler_kwargs(**(sampler or {}))
+        was_training = module.training
+        module.eval()
+        try:
+            grid_parts: list[Tensor] = []
+            grid_idx: list[int] = []
+            if self.feature_metrics is not None:
+                self.feature_metrics.reset_generated()
+
+            def consume(images: Tensor, idx: list[int]) -> None:
+                keep = [k for k, i in enumerate(idx) if i < self.grid_size]
+                if keep:
+                    grid_parts.append(images[keep].cpu())
+                    grid_idx.extend(idx[k] for k in keep)
+                if self.feature_metrics is not None:
+                    self.feature_metrics.update_generated(images)
+
+            seconds = self.generate(module, sampler, consume)
+            total_seconds = float(all_reduce_sum(torch.tensor([seconds], dtype=torch.float64, device=module.device))[0])
+            metrics: dict[str, float] = {}
+            cost = module.sampling_cost(**sampler)
+            metrics["nfe"] = float(cost["nfe"])
+            metrics["sec_per_sample"] = total_seconds / self.num_samples
+            details: dict[str, Any] = {}
+            if self.feature_metrics is not None:
+                feature_values, details = self.feature_metrics.compute()
+                metrics.update(feature_values)
+            if module.likelihood_kind is not None and self.bpd_num_images > 0 and test_set is not None:
+                metrics["bpd"] = self.bits_per_dim(module, test_set)
+                details["bpd_kind"] = "exact" if module.likelihood_kind == "exact" else "bound"
+                details["bpd_num_images"] = min(self.bpd_num_images, len(test_set))
+            grid = None
+            if self.grid_size > 0:
+                c, h, w = module.image_shape
+                local = torch.cat(grid_parts) if grid_parts else torch.zeros((0, c, h, w), dtype=torch.uint8)
+                n_grid = min(self.grid_size, self.num_samples)
+                grid = image_grid(gather_by_index(local.to(module.device), grid_idx, n_grid).cpu())
+            extractor = self.feature_metrics.extractor_name if self.feature_metrics is not None else None
+            return EvaluationResult(metrics, grid, self.num_samples, sampler, extractor, details)
+        finally:
+            module.train(was_training)

@@ -1,0 +1,74 @@
+"""results.json: the contract between a run and the table script, written atomically."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+RESULTS_FILE = "results.json"
+SCHEMA_KEYS = ("model", "dataset", "seed", "num_params", "train_steps", "feature_extractor",
+               "num_samples", "sampler", "metrics")
+
+
+class ResultsWriteError(OSError):
+    """The results could not be written; any previous file is left untouched."""
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; null means "not available"
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _jsonable(value.item())
+    return value
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file in the same folder, fsync, then rename over ``path``:
+    readers see the old file or the new one, never a half-written one."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise ResultsWriteError(f"cannot write {path}: {err.strerror or err}. Check that the output "
+                                "folder exists, is writable and has free space.") from err
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise ResultsWriteError(f"cannot write {path}: {err.strerror or err}. The previous file, if any, "
+                                "is intact; free disk space or fix permissions and re-run.") from err
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+
+
+def append_jsonl(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """One JSON line per evaluation (StyleGAN's metric-*.jsonl); a line is written whole by one write()."""
+    with open(path, "a") as f:
+        f.write(json.dumps(_jsonable(record)) + "\n")
+
+
+def read_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Load and check a results.json; raises ValueError naming the problem."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); the run may have been killed while writing") from err
+    missing = [k for k in SCHEMA_KEYS if k not in data]
+    if missing and data.get("status", "ok") == "ok":
+        raise ValueError(f"{path} lacks keys {missing}")
+    return data

@@ -1,0 +1,160 @@
+"""The interface every family implements (DESIGN.md) and the pieces they share.
+
+The evaluation callback and the table script use only ``sample``, ``log_likelihood``,
+``sampling_cost``, ``likelihood_kind`` and ``num_params``: a fifth family plugs in by
+subclassing :class:`GenerativeModule`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Literal, Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+LikelihoodKind = Literal["exact", "elbo"] | None
+
+
+class SampleNoise:
+    """Per-sample random streams: sample ``i`` of a batch draws only from a generator seeded with
+    ``seeds[i]``. Samples therefore do not depend on batch size or on how many processes share
+    the work (the per-sample seeding of the StyleGAN/EDM evaluation code)."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def slice(self, start: int, stop: int) -> "SampleNoise":
+        """The streams of samples start..stop-1 (shared generators, not copies)."""
+        part = SampleNoise([], self.device)
+        part.generators = self.generators[start:stop]
+        return part
+
+    def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(len(seeds), *shape) standard normal noise."""
+        return torch.stack([torch.randn(shape, generator=g, device=self.device, dtype=dtype)
+                            for g in self.generators])
+
+    def rand(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.stack([torch.rand(shape, generator=g, device=self.device, dtype=dtype)
+                            for g in self.generators])
+
+
+Noise = SampleNoise | torch.Generator | None
+
+
+def randn(noise: Noise, n: int, shape: Sequence[int], device: torch.device) -> Tensor:
+    """(n, *shape) standard normal draws from ``noise`` (per-sample streams, one generator, or the
+    global RNG)."""
+    if isinstance(noise, SampleNoise):
+        if len(noise) != n:
+            raise ValueError(f"SampleNoise holds {len(noise)} seeds, {n} samples were asked for")
+        return noise.randn(*shape).to(device)
+    gen_device = noise.device if isinstance(noise, torch.Generator) else device
+    return torch.randn((n, *shape), generator=noise, device=gen_device).to(device)
+
+
+def bits_per_dim(nats: Tensor, num_dims: int) -> Tensor:
+    """Negative log-likelihood in nats per image -> bits per dimension: nats / (D ln 2)."""
+    return nats / (num_dims * math.log(2.0))
+
+
+def dequantize(x: Tensor, noise: Noise = None) -> Tensor:
+    """Uniform dequantization of 8-bit images in [0, 1]: y = (255 x + u) / 256, u ~ U[0, 1).
+
+    The continuous density of y on [0, 1]^D lower-bounds the discrete likelihood of x on the
+    256-level grid (Theis et al. 2016); log p(x) >= log p_y(y) - D log 256.
+    """
+    u = noise.rand(*x.shape[1:]).to(x) if isinstance(noise, SampleNoise) else \
+        torch.rand(x.shape, generator=noise, device=x.device, dtype=x.dtype)
+    return (x * 255.0 + u) / 256.0
+
+
+def check_images(images: Tensor, shape: Sequence[int], who: str) -> Tensor:
+    """The boundary contract: float (N, C, H, W) images in [0, 1]."""
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(shape):
+        raise ValueError(f"{who} produced images of shape {tuple(images.shape)}, expected (N, {', '.join(map(str, shape))})")
+    if not torch.isfinite(images).all():
+        raise FloatingPointError(f"{who} produced non-finite pixel values (NaN/inf): the model has diverged")
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise ValueError(f"{who} produced pixel values in [{lo:.3f}, {hi:.3f}], outside [0, 1]; "
+                         "sample() must return images in [0, 1]")
+    return images
+
+
+class GenerativeModule(pl.LightningModule):
+    """Base class: one family per subclass. Data crosses the boundary as float images in [0, 1]."""
+
+    #: short family name recorded in results.json ("ddpm", "gan", ...)
+    family: str = "generative"
+    likelihood_kind: LikelihoodKind = None
+    #: the sampler keyword arguments a run evaluates with unless told otherwise
+    default_sampler: dict[str, Any] = {}
+
+    def __init__(self, image_shape: Sequence[int]):
+        super().__init__()
+        self.image_shape = tuple(int(s) for s in image_shape)
+        #: the composed run config, stored in every checkpoint so a checkpoint is self-describing
+        self.run_config: dict | None = None
+
+    # ---------------------------------------------------------------- the interface
+    @torch.no_grad()
+    def sample(self, n: int, generator: Noise = None, **sampler_kw) -> Tensor:
+        """(n, C, H, W) images in [0, 1]."""
+        raise NotImplementedError
+
+    def log_likelihood(self, x: Tensor, generator: Noise = None) -> Tensor:
+        """Per-image log-likelihood (or its lower bound) in nats of 8-bit images ``x`` in [0, 1]."""
+        raise NotImplementedError(f"{type(self).__name__} has no likelihood (likelihood_kind=None)")
+
+    def sampling_cost(self, **sampler_kw) -> dict[str, float]:
+        """Network function evaluations per sample, e.g. {"nfe": 1000}."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- shared helpers
+    @property
+    def num_params(self) -> int:
+        """Parameters of the networks that define the model (EMA copies excluded)."""
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("ema."))
+
+    @property
+    def num_dims(self) -> int:
+        return math.prod(self.image_shape)
+
+    def sampler_kwargs(self, **overrides) -> dict[str, Any]:
+        kw = dict(self.default_sampler)
+        kw.update({k: v for k, v in overrides.items() if v is not None})
+        return kw
+
+    @torch.no_grad()
+    def sample_in_chunks(self, n: int, chunk: int, draw: Callable[[int, Noise], Tensor],
+                         noise: Noise = None) -> Tensor:
+        """Call ``draw(m, noise_m)`` on chunks of at most ``chunk`` samples and concatenate."""
+        out = []
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            sub = noise.slice(start, start + m) if isinstance(noise, SampleNoise) else noise
+            out.append(draw(m, sub))
+        return torch.cat(out)
+
+    def check_finite_loss(self, loss: Tensor, name: str = "loss") -> None:
+        """Stop on NaN/inf, on every rank at once (a rank raising alone would hang DDP)."""
+        bad = not bool(torch.isfinite(loss.detach()).all())
+        if self._trainer is not None:
+            bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
+        if bad:
+            raise FloatingPointError(
+                f"non-finite training {name} at step {self.global_step} of {type(self).__name__}: "
+                "training stopped. The last good checkpoint is kept in the run's checkpoints/ folder; "
+                "lower the learning rate or enable gradient clipping, then resume with ckpt_path=last.")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["genbench_config"] = self.run_config
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.run_config = checkpoint.get("genbench_config", self.run_config)

@@ -1,0 +1,52 @@
+"""Exponential moving average of a network's weights (Polyak averaging), used for sampling."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """Holds ``shadow``, a frozen copy of ``net`` whose weights follow
+    theta_ema <- decay * theta_ema + (1 - decay) * theta after every optimizer step.
+
+    With ``warmup=True`` the decay is min(decay, (1 + n) / (10 + n)) after n updates (the
+    TensorFlow ExponentialMovingAverage num_updates rule), so short runs are not dominated by
+    the initial weights. Buffers (e.g. BatchNorm statistics) are copied, not averaged.
+    Being a submodule, the shadow is saved in checkpoints and moved across devices with its owner.
+    """
+
+    def __init__(self, net: nn.Module, decay: float = 0.9999, warmup: bool = False):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay, self.warmup = float(decay), bool(warmup)
+        self.shadow = copy.deepcopy(net).eval().requires_grad_(False)
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def current_decay(self) -> float:
+        n = int(self.num_updates)
+        return min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, net: nn.Module) -> None:
+        decay = self.current_decay()
+        ema_params = [p for p in self.shadow.parameters()]
+        params = [p.detach() for p in net.parameters()]
+        if len(ema_params) != len(params):
+            raise RuntimeError("EMA shadow and network have different parameter lists")
+        # lerp_(end, w): ema += w * (p - ema)  ==  decay * ema + (1 - decay) * p
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for b_ema, b in zip(self.shadow.buffers(), net.buffers()):
+            b_ema.copy_(b)
+        self.num_updates += 1
+
+    def forward(self, *args, **kwargs):
+        return self.shadow(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        # The shadow is always in eval mode (no dropout, BatchNorm uses its running stats).
+        super().train(mode)
+        self.shadow.eval()
+        return self

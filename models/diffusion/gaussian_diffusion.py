@@ -1,0 +1,237 @@
+"""The Gaussian diffusion process of Ho et al. 2020 ("DDPM"), independent of the network.
+
+Equation numbers refer to Ho et al. 2020 unless stated. Images live in [-1, 1] here; the
+network ``model(x_t, t)`` predicts the noise eps. Schedules are computed in float64 (as
+diffusion_tf and improved-diffusion do) and cast on use.
+
+A process may be *respaced* (Nichol & Dhariwal 2021, Sec. 4): keeping a subsequence S of the
+original timesteps defines a new process with betas 1 - abar_{S_i} / abar_{S_{i-1}}; the network is
+still called with the original timestep indices (``timestep_map``). DDIM (Song et al. 2021) and
+fast ancestral sampling both run on a respaced process.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from models.base import Noise, SampleNoise, randn
+
+EpsModel = Callable[[Tensor, Tensor], Tensor]
+
+
+def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
+    """Ho et al. Sec. 4: beta_t linear from 1e-4 to 0.02 over T=1000 steps. For other T the
+    endpoints scale by 1000/T (improved-diffusion), so T=1000 gives the paper's values exactly."""
+    scale = 1000.0 / num_timesteps
+    return np.linspace(scale * beta_start, scale * beta_end, num_timesteps, dtype=np.float64)
+
+
+def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal 2021 Eq. 17: abar(t) = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2);
+    beta_t = min(1 - abar(t)/abar(t-1), 0.999)."""
+    def f(t):
+        return math.cos((t / num_timesteps + s) / (1 + s) * math.pi / 2) ** 2
+    return np.array([min(1 - f(i + 1) / f(i), max_beta) for i in range(num_timesteps)], dtype=np.float64)
+
+
+def make_betas(schedule: str, num_timesteps: int) -> np.ndarray:
+    if schedule == "linear":
+        return linear_betas(num_timesteps)
+    if schedule == "cosine":
+        return cosine_betas(num_timesteps)
+    raise ValueError(f"unknown beta schedule {schedule!r}; choose 'linear' or 'cosine'")
+
+
+def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _std_normal_cdf(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+    """Ho et al. Eq. 13: log of the N(mean, e^{2 log_scale}) mass of the 8-bit bin of x in [-1, 1]
+    (bin half-width 1/255), with the edge bins extended to -inf / +inf. Elementwise, nats."""
+    centered = x - mean
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = _std_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_min = _std_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    cdf_delta = cdf_plus - cdf_min
+    return torch.where(x < -0.999, log_cdf_plus,
+                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
+
+
+class GaussianDiffusion:
+    """q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) and the learned reverse process with
+    fixed variances sigma_t^2 = beta_t ("fixedlarge", Ho's CIFAR-10 choice) or beta~_t ("fixedsmall").
+
+    Args:
+        num_timesteps: T.
+        schedule: "linear" (Ho et al.) or "cosine" (Nichol & Dhariwal); ignored if ``betas`` given.
+        variance: "fixedlarge" or "fixedsmall".
+        clip_denoised: clip the predicted x_0 to [-1, 1] before computing the posterior mean.
+        betas, timestep_map: set by :meth:`respace`; not for configs.
+    """
+
+    def __init__(self, num_timesteps: int = 1000, schedule: str = "linear", variance: str = "fixedlarge",
+                 clip_denoised: bool = True, betas: Sequence[float] | None = None,
+                 timestep_map: Sequence[int] | None = None):
+        if variance not in ("fixedlarge", "fixedsmall"):
+            raise ValueError(f"unknown variance {variance!r}; choose 'fixedlarge' or 'fixedsmall'")
+        betas = make_betas(schedule, num_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
+        if not ((betas > 0) & (betas <= 1)).all():
+            raise ValueError("betas must lie in (0, 1]")
+        self.schedule, self.variance, self.clip_denoised = schedule, variance, clip_denoised
+        self.num_timesteps = len(betas)
+        self.timestep_map = np.arange(len(betas)) if timestep_map is None else np.asarray(timestep_map)
+        self.betas = betas
+        alphas = 1.0 - betas
+        self.alphas_cumprod = np.cumprod(alphas)
+        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        # q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I), Eq. 6-7
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # beta~_0 = 0: use beta~_1 in the log (diffusion_tf's clipping)
+        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        if variance == "fixedlarge":  # sigma_t^2 = beta_t, with beta~_1 at t=0 (diffusion_tf)
+            self.model_log_variance = np.log(np.append(self.posterior_variance[1], betas[1:]))
+        else:
+            self.model_log_variance = self.posterior_log_variance_clipped
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _gather(arr: np.ndarray, t: Tensor, x: Tensor) -> Tensor:
+        """arr[t] broadcast to x's shape: (B,) -> (B, 1, 1, 1)."""
+        out = torch.as_tensor(arr, device=t.device)[t].to(x.dtype)
+        return out.reshape(-1, *([1] * (x.ndim - 1)))
+
+    def respace(self, steps: int) -> "GaussianDiffusion":
+        """A process over ``steps`` evenly spaced timesteps of this one (improved-diffusion's
+        space_timesteps with one section): betas_i = 1 - abar_{S_i} / abar_{S_{i-1}}."""
+        if not 1 <= steps <= self.num_timesteps:
+            raise ValueError(f"steps must be in 1..{self.num_timesteps}, got {steps}")
+        if steps == self.num_timesteps:
+            return self
+        # evenly spaced, always including t=0 and t=T-1 (as space_timesteps does)
+        use = np.unique(np.round(np.linspace(0, self.num_timesteps - 1, steps)).astype(int))
+        abar = self.alphas_cumprod[use]
+        betas = 1.0 - abar / np.append(1.0, abar[:-1])
+        return GaussianDiffusion(len(use), variance=self.variance, clip_denoised=self.clip_denoised,
+                                 betas=betas, timestep_map=self.timestep_map[use])
+
+    def model_eps(self, model: EpsModel, x_t: Tensor, t: Tensor) -> Tensor:
+        return model(x_t, torch.as_tensor(self.timestep_map, device=t.device)[t])
+
+    # ------------------------------------------------------------------ forward process
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
+        return (self._gather(np.sqrt(self.alphas_cumprod), t, x0) * x0
+                + self._gather(np.sqrt(1.0 - self.alphas_cumprod), t, x0) * noise)
+
+    def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Eq. 7: mean and log-variance of q(x_{t-1} | x_t, x_0)."""
+        mean = self._gather(self.posterior_mean_coef1, t, x_t) * x0 + self._gather(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, self._gather(self.posterior_log_variance_clipped, t, x_t)
+
+    def predict_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """Eq. 4 inverted: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        return (self._gather(np.sqrt(1.0 / self.alphas_cumprod), t, x_t) * x_t
+                - self._gather(np.sqrt(1.0 / self.alphas_cumprod - 1.0), t, x_t) * eps)
+
+    def predict_eps(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        return ((self._gather(np.sqrt(1.0 / self.alphas_cumprod), t, x_t) * x_t - x0)
+                / self._gather(np.sqrt(1.0 / self.alphas_cumprod - 1.0), t, x_t))
+
+    # ------------------------------------------------------------------ reverse process
+    def p_mean_variance(self, model: EpsModel, x_t: Tensor, t: Tensor) -> dict[str, Tensor]:
+        """Eq. 11: mu_theta(x_t, t) = mu~_t(x^_0(x_t, eps_theta), x_t), with x^_0 optionally clipped."""
+        eps = self.model_eps(model, x_t, t)
+        x0 = self.predict_x0(x_t, t, eps)
+        if self.clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+        mean, _ = self.q_posterior(x0, x_t, t)
+        return {"mean": mean, "log_variance": self._gather(self.model_log_variance, t, x_t), "pred_x0": x0}
+
+    def training_loss(self, model: EpsModel, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Eq. 14, L_simple = E_{t, x_0, eps} ||eps - eps_theta(x_t, t)||^2, t ~ U{0..T-1}. Returns (B,)."""
+        b = x0.shape[0]
+        t = torch.randint(0, self.num_timesteps, (b,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        eps = self.model_eps(model, self.q_sample(x0, t, noise), t)
+        return (eps - noise).pow(2).flatten(1).mean(1)
+
+    @torch.no_grad()
+    def ancestral_sample(self, model: EpsModel, n: int, shape: Sequence[int], device: torch.device,
+                         noise: Noise = None, progress: bool = False) -> Tensor:
+        """Algorithm 2: x_T ~ N(0, I); x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I) (z = 0 at t = 0)."""
+        x = randn(noise, n, shape, device)
+        for i in reversed(range(self.num_timesteps)):
+            t = torch.full((n,), i, device=device, dtype=torch.long)
+            out = self.p_mean_variance(model, x, t)
+            x = out["mean"]
+            if i > 0:
+                x = x + torch.exp(0.5 * out["log_variance"]) * randn(noise, n, shape, device)
+        return x
+
+    @torch.no_grad()
+    def ddim_sample(self, model: EpsModel, n: int, shape: Sequence[int], device: torch.device,
+                    noise: Noise = None, eta: float = 0.0) -> Tensor:
+        """Song et al. 2021 Eq. 12: x_{t-1} = sqrt(abar_{t-1}) x^_0 + sqrt(1 - abar_{t-1} - sigma_t^2) eps^ + sigma_t z,
+        sigma_t = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1}) (Eq. 16).
+        eta=0 is deterministic DDIM; eta=1 with all steps is the DDPM posterior (fixedsmall variance)."""
+        x = randn(noise, n, shape, device)
+        for i in reversed(range(self.num_timesteps)):
+            t = torch.full((n,), i, device=device, dtype=torch.long)
+            eps = self.model_eps(model, x, t)
+            x0 = self.predict_x0(x, t, eps)
+            if self.clip_denoised:
+                x0 = x0.clamp(-1.0, 1.0)
+            eps = self.predict_eps(x, t, x0)  # consistent with the clipped x^_0 (improved-diffusion)
+            abar = self._gather(self.alphas_cumprod, t, x)
+            abar_prev = self._gather(self.alphas_cumprod_prev, t, x)
+            sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+            x = abar_prev.sqrt() * x0 + torch.sqrt((1 - abar_prev - sigma ** 2).clamp(min=0)) * eps
+            if i > 0 and eta > 0:
+                x = x + sigma * randn(noise, n, shape, device)
+        return x
+
+    # ------------------------------------------------------------------ likelihood bound
+    def prior_bpd(self, x0: Tensor) -> Tensor:
+        """L_T of Eq. 5 in bits/dim: KL(q(x_T | x_0) || N(0, I)), averaged over dims. (B,)"""
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
+        mean = self._gather(np.sqrt(self.alphas_cumprod), t, x0) * x0
+        logvar = self._gather(np.log(1.0 - self.alphas_cumprod), t, x0)
+        kl = normal_kl(mean, logvar, torch.zeros_like(mean), torch.zeros_like(mean))
+        return kl.flatten(1).mean(1) / math.log(2.0)
+
+    def vb_term_bpd(self, model: EpsModel, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """L_{t-1} of Eq. 5 for t > 0 (KL of Gaussians) and L_0 (Eq. 13, discretized decoder) for t = 0,
+        in bits/dim. (B,)"""
+        true_mean, true_logvar = self.q_posterior(x0, x_t, t)
+        out = self.p_mean_variance(model, x_t, t)
+        kl = normal_kl(true_mean, true_logvar, out["mean"], out["log_variance"]).flatten(1).mean(1) / math.log(2.0)
+        decoder_nll = -discretized_gaussian_log_likelihood(
+            x0, out["mean"], 0.5 * out["log_variance"]).flatten(1).mean(1) / math.log(2.0)
+        return torch.where(t == 0, decoder_nll, kl)
+
+    @torch.no_grad()
+    def bpd(self, model: EpsModel, x0: Tensor, noise: Noise = None) -> Tensor:
+        """The full variational bound L = L_T + sum_{t>=1} L_{t-1} + L_0 (Eq. 5) in bits/dim, one
+        network call per timestep (improved-diffusion's calc_bpd_loop). x0: 8-bit images in [-1, 1]. (B,)"""
+        n, shape = x0.shape[0], x0.shape[1:]
+        total = self.prior_bpd(x0)
+        for i in reversed(range(self.num_timesteps)):
+            t = torch.full((n,), i, device=x0.device, dtype=torch.long)
+            x_t = self.q_sample(x0, t, randn(noise, n, shape, x0.device).to(x0.dtype))
+            total = total + self.vb_term_bpd(model, x0, x_t, t)
+        return total

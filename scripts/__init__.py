@@ -1,0 +1,1 @@
+"""Entry points (train, evaluate, ...) as pure functions with thin Hydra/CLI wrappers."""

@@ -1,0 +1,162 @@
+"""Train one model on one dataset, evaluate it, write <run dir>/results.json.
+
+    python scripts/train.py                                   # DDPM on digits, CPU
+    python scripts/train.py model=ddpm experiment=smoke hydra.run.dir=/tmp/run
+    python scripts/train.py -m seed=0,1,2                     # a Hydra multirun
+"""
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from metrics.callback import EvaluationCallback
+from metrics.results import RESULTS_FILE, write_json
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that was asked for cannot be used."""
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every entry of a config group holding several objects (callbacks, loggers)."""
+    if not group:
+        return []
+    return [hydra.utils.instantiate(spec) for spec in group.values() if spec is not None and "_target_" in spec]
+
+
+def check_checkpoint(path: Path) -> Path:
+    """Fail early, with the fix, on a missing or unreadable checkpoint."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass ckpt_path=null to start fresh "
+                              "or point ckpt_path to an existing .ckpt file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # truncated zip, pickle errors, ...
+        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(err).__name__}: {err}); "
+                              "delete it and resume from an earlier one in the same folder, or pass ckpt_path=null") from err
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"{path} holds no Lightning state_dict; it is not a training checkpoint")
+    return path
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """null: resume automatically from <run dir>/checkpoints/last.ckpt if present (a requeued
+    job finds its own progress); "last": that file must exist; else a path."""
+    last = output_dir / "checkpoints" / "last.ckpt"
+    if ckpt_path is None:
+        if last.is_file():
+            log.info("found %s: resuming from it", last)
+            return str(check_checkpoint(last))
+        return None
+    if ckpt_path == "last":
+        return str(check_checkpoint(last))
+    return str(check_checkpoint(Path(ckpt_path)))
+
+
+def run_summary(cfg: DictConfig, model, trainer: pl.Trainer | None, evaluation: EvaluationCallback | None) -> dict:
+    """The results.json contract (see metrics/results.py SCHEMA_KEYS)."""
+    final = evaluation.final if evaluation is not None else None
+    metrics: dict[str, float] = {}
+    if trainer is not None:
+        for key in ("train/loss", "val/loss"):
+            if key in trainer.callback_metrics:
+                metrics[key.replace("/", "_")] = float(trainer.callback_metrics[key])
+    if final is not None:
+        metrics.update(final.metrics)
+    return {
+        "model": getattr(model, "family", type(model).__name__.lower()) if model is not None else cfg.model.get("_target_"),
+        "dataset": cfg.datamodule.name,
+        "seed": int(cfg.seed),
+        "num_params": int(model.num_params) if model is not None else None,
+        "train_steps": int(trainer.global_step) if trainer is not None else 0,
+        "feature_extractor": final.feature_extractor if final is not None else None,
+        "num_samples": final.num_samples if final is not None else None,
+        "sampler": final.sampler if final is not None else None,
+        "likelihood_kind": getattr(model, "likelihood_kind", None),
+        "metrics": metrics,
+        "details": final.details if final is not None else {},
+        "tags": list(cfg.get("tags") or []),
+        "task_name": cfg.get("task_name"),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Build everything from ``cfg``, fit, evaluate, write results.json; return the metrics.
+
+    On failure the run directory still gets a results.json with status "failed" and the error,
+    so sweeps and the table script can list the run; then the exception propagates.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(cfg.seed, workers=True)
+
+    # Everything that can fail on bad config is built before any training work starts.
+    datamodule = hydra.utils.instantiate(cfg.datamodule)
+    model = hydra.utils.instantiate(cfg.model)
+    model.run_config = OmegaConf.to_container(cfg, resolve=True)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    evaluation = next((cb for cb in callbacks if isinstance(cb, EvaluationCallback)), None)
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+
+    for logger in loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+
+    start = time.perf_counter()
+    summary: dict[str, Any] = {}
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        summary = run_summary(cfg, model, trainer, evaluation)
+        summary["status"] = "ok"
+    except BaseException as err:
+        summary = run_summary(cfg, model, trainer, evaluation)
+        summary.update(status="failed", error=f"{type(err).__name__}: {err}",
+                       traceback=traceback.format_exc(limit=20))
+        raise
+    finally:
+        wall = time.perf_counter() - start
+        eval_seconds = evaluation.eval_seconds if evaluation is not None else 0.0
+        summary["timing"] = {"wall_seconds": wall, "eval_seconds": eval_seconds,
+                             "train_seconds": wall - eval_seconds}
+        if trainer.is_global_zero:
+            write_json(output_dir / RESULTS_FILE, summary)
+            for logger in loggers:
+                if isinstance(logger, pl.loggers.WandbLogger) and summary.get("status") == "ok":
+                    logger.experiment.summary.update({f"results/{k}": v for k, v in summary["metrics"].items()})
+        _finish_wandb()
+    log.info("results written to %s", output_dir / RESULTS_FILE)
+    return summary["metrics"]
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run so the next job in this process (multirun, tests) starts its own."""
+    try:
+        import wandb
+    except ImportError:
+        return
+    if wandb.run is not None:
+        wandb.finish()
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    value = metrics.get(str(cfg.get("optimized_metric", "")).replace("/", "_"),
+                        metrics.get(str(cfg.get("optimized_metric", "")).split("/")[-1]))
+    return None if value is None else float(value)
+
+
+if __name__ == "__main__":
+    main()
