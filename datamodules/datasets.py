@@ -172,6 +172,16 @@ def load_cifar10_split(data_dir: str, split: str, image_size: int, download: boo
             return all((Path(self.root) / self.base_folder / f).is_file()
                        for f, _ in self.train_list + self.test_list)
 
+        def _load_meta(self) -> None:
+            import pickle
+
+            meta = Path(self.root) / self.base_folder / self.meta["filename"]
+            if not meta.is_file():
+                raise RuntimeError(f"Dataset metadata file {meta} not found")
+            with open(meta, "rb") as f:
+                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+
     root = Path(data_dir)
     hint = (f"Extract cifar-10-python.tar.gz so that {root / 'cifar-10-batches-py'} holds "
             f"data_batch_1..5 and test_batch.")

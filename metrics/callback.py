@@ -22,17 +22,29 @@ class EvaluationCallback(pl.Callback):
     Logs ``eval/<metric>`` to every logger, saves ``samples/step<k>.png``, appends one line per
     evaluation to ``eval_history.jsonl`` and keeps the final result in ``final`` for results.json.
     Evaluation wall time is accumulated separately from training time (``eval_seconds``).
+
+    Feature metrics: ``extractor`` (null = none) at every evaluation, plus ``final_extractors``
+    at the final one; all fed by the same samples. ``reference`` = {split, num_images} of the
+    real images whose cached statistics they are compared with.
     """
 
     def __init__(self, every_n_steps: int = 0, num_samples: int = 256, batch_size: int = 256,
                  bpd_num_images: int = 64, sampler: dict[str, Any] | None = None,
                  final_sampler: dict[str, Any] | None = None, grid_size: int = 64, seed: int = 0,
-                 output_dir: str = ".", feature_metrics=None):
+                 output_dir: str = ".", extractor: str | None = None, final_extractors: list[str] | None = None,
+                 metrics: list[str] | str = "auto", reference: dict[str, Any] | None = None,
+                 cache_dir: str = ".cache", weights_path: str | None = None, prdc_k: int = 3):
         super().__init__()
         self.every_n_steps = int(every_n_steps)
         self.sampler, self.final_sampler = dict(sampler or {}), dict(final_sampler or {})
         self.output_dir = Path(output_dir)
-        self.evaluator = Evaluator(num_samples, batch_size, bpd_num_images, grid_size, seed, feature_metrics)
+        self.evaluator = Evaluator(num_samples, batch_size, bpd_num_images, grid_size, seed)
+        self.extractor = extractor
+        self.final_extractors = [e for e in (final_extractors or []) if e != extractor]
+        self.metric_names = metrics if isinstance(metrics, str) else list(metrics)
+        self.reference = {"split": "train", "num_images": None, **(reference or {})}
+        self.cache_dir, self.weights_path, self.prdc_k = cache_dir, weights_path, prdc_k
+        self._feature_sets: dict[str, Any] = {}
         self.final: EvaluationResult | None = None
         self.eval_seconds = 0.0
         self._last_step = -1
@@ -52,11 +64,26 @@ class EvaluationCallback(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
         self.final = self.run(trainer, pl_module, final=True)
 
+    def feature_sets(self, datamodule, device, final: bool) -> list:
+        """The FeatureMetrics of this evaluation, built (and references cached) on first use."""
+        names = ([self.extractor] if self.extractor else []) + (self.final_extractors if final else [])
+        from metrics.features import build_feature_metrics
+        for name in names:
+            if name not in self._feature_sets:
+                self._feature_sets[name] = build_feature_metrics(
+                    name, datamodule, self.cache_dir, self.reference["split"], self.reference["num_images"],
+                    self.metric_names, device, self.evaluator.batch_size, self.weights_path,
+                    seed=self.evaluator.seed, k=self.prdc_k)
+            self._feature_sets[name].to(device)
+        return [self._feature_sets[n] for n in names]
+
     def run(self, trainer: pl.Trainer, pl_module, final: bool) -> EvaluationResult:
         step = pl_module.global_step
         t0 = time.perf_counter()
-        test_set = trainer.datamodule.split("test") if trainer.datamodule is not None else None
-        result = self.evaluator.evaluate(pl_module, test_set, self.final_sampler if final else self.sampler)
+        datamodule = trainer.datamodule
+        test_set = datamodule.split("test") if datamodule is not None else None
+        feature_sets = self.feature_sets(datamodule, pl_module.device, final) if datamodule is not None else []
+        result = self.evaluator.evaluate(pl_module, test_set, self.final_sampler if final else self.sampler, feature_sets)
         self.eval_seconds += time.perf_counter() - t0
         self._last_step = step
         if trainer.is_global_zero:

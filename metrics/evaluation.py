@@ -6,14 +6,16 @@ batch size), quantizes them to 8 bits as a saved PNG would, and measures:
   - bits/dim on ``bpd_num_images`` test images (families with a likelihood; marked exact or bound),
   - network evaluations per sample (``sampling_cost``) and device-seconds per sample,
   - a sample grid (the first ``grid_size`` samples).
-Feature-space metrics are added by :mod:`metrics.features` when an extractor is configured.
+Feature-space metrics (FID, IS, KID, P/R, D/C) come from :class:`metrics.features.FeatureMetrics`
+sets: the same generated batch is fed to each set's extractor once. The first set's figures are
+reported as ``fid``, ``precision``, ...; further sets as ``<extractor>/fid``, ...
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -66,16 +68,14 @@ class Evaluator:
         bpd_num_images: test images for bits/dim (0 = skip).
         grid_size: images in the sample grid.
         seed: base seed of the per-sample streams.
-        feature_metrics: optional :class:`metrics.features.FeatureMetrics` (FID, IS, P/R, ...).
     """
 
     def __init__(self, num_samples: int = 256, batch_size: int = 256, bpd_num_images: int = 64,
-                 grid_size: int = 64, seed: int = 0, feature_metrics=None):
+                 grid_size: int = 64, seed: int = 0):
         if num_samples < 1:
             raise ValueError(f"evaluation.num_samples must be >= 1, got {num_samples}")
         self.num_samples, self.batch_size = int(num_samples), int(batch_size)
         self.bpd_num_images, self.grid_size, self.seed = int(bpd_num_images), int(grid_size), int(seed)
-        self.feature_metrics = feature_metrics
 
     def _seeds(self, indices: list[int], offset: int = 0) -> list[int]:
         return [(self.seed + offset) * SEED_STRIDE + i for i in indices]
@@ -121,23 +121,24 @@ class Evaluator:
         return float(total[0] / total[1])
 
     @torch.no_grad()
-    def evaluate(self, module, test_set: Dataset | None, sampler: dict[str, Any] | None = None) -> EvaluationResult:
+    def evaluate(self, module, test_set: Dataset | None, sampler: dict[str, Any] | None = None,
+                 feature_sets: Sequence = ()) -> EvaluationResult:
         sampler = module.sampler_kwargs(**(sampler or {}))
         was_training = module.training
         module.eval()
         try:
             grid_parts: list[Tensor] = []
             grid_idx: list[int] = []
-            if self.feature_metrics is not None:
-                self.feature_metrics.reset_generated()
+            for fs in feature_sets:
+                fs.reset_generated()
 
             def consume(images: Tensor, idx: list[int]) -> None:
                 keep = [k for k, i in enumerate(idx) if i < self.grid_size]
                 if keep:
                     grid_parts.append(images[keep].cpu())
                     grid_idx.extend(idx[k] for k in keep)
-                if self.feature_metrics is not None:
-                    self.feature_metrics.update_generated(images)
+                for fs in feature_sets:
+                    fs.update_generated(images, idx)
 
             seconds = self.generate(module, sampler, consume)
             total_seconds = float(all_reduce_sum(torch.tensor([seconds], dtype=torch.float64, device=module.device))[0])
@@ -145,10 +146,12 @@ class Evaluator:
             cost = module.sampling_cost(**sampler)
             metrics["nfe"] = float(cost["nfe"])
             metrics["sec_per_sample"] = total_seconds / self.num_samples
-            details: dict[str, Any] = {}
-            if self.feature_metrics is not None:
-                feature_values, details = self.feature_metrics.compute()
-                metrics.update(feature_values)
+            details: dict[str, Any] = {"extractors": {}}
+            for k, fs in enumerate(feature_sets):
+                values, fs_details = fs.compute(self.num_samples)
+                prefix = "" if k == 0 else f"{fs.extractor_name}/"
+                metrics.update({prefix + name: v for name, v in values.items()})
+                details["extractors"][fs.extractor_name] = {"metrics": values, **fs_details}
             if module.likelihood_kind is not None and self.bpd_num_images > 0 and test_set is not None:
                 metrics["bpd"] = self.bits_per_dim(module, test_set)
                 details["bpd_kind"] = "exact" if module.likelihood_kind == "exact" else "bound"
@@ -159,7 +162,7 @@ class Evaluator:
                 local = torch.cat(grid_parts) if grid_parts else torch.zeros((0, c, h, w), dtype=torch.uint8)
                 n_grid = min(self.grid_size, self.num_samples)
                 grid = image_grid(gather_by_index(local.to(module.device), grid_idx, n_grid).cpu())
-            extractor = self.feature_metrics.extractor_name if self.feature_metrics is not None else None
+            extractor = feature_sets[0].extractor_name if feature_sets else None
             return EvaluationResult(metrics, grid, self.num_samples, sampler, extractor, details)
         finally:
             module.train(was_training)

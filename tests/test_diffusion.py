@@ -1,0 +1,161 @@
+"""The Gaussian diffusion process against closed forms and the papers' values."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from models.diffusion.gaussian_diffusion import (GaussianDiffusion, cosine_betas, discretized_gaussian_log_likelihood,
+                                                 linear_betas, normal_kl)
+
+
+def test_linear_betas_are_ho2020_values():
+    betas = linear_betas(1000)
+    assert betas.shape == (1000,)
+    assert betas[0] == pytest.approx(1e-4, abs=1e-15) and betas[-1] == pytest.approx(0.02, abs=1e-15)
+    np.testing.assert_allclose(np.diff(betas), (0.02 - 1e-4) / 999, rtol=1e-9)
+    # abar_T is tiny: the forward process ends at (almost) pure noise (Ho et al. Sec. 4)
+    assert np.prod(1 - betas) < 5e-5
+
+
+def test_cosine_betas_follow_nichol_dhariwal_eq17():
+    T, s = 1000, 0.008
+    betas = cosine_betas(T)
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2
+    abar = np.cumprod(1 - betas)
+    expected = np.array([f(t + 1) / f(0) for t in range(T)])
+    np.testing.assert_allclose(abar[:-20], expected[:-20], rtol=1e-9)  # the tail is clipped at 0.999
+    assert betas.max() <= 0.999
+
+
+def test_q_sample_matches_closed_form():
+    d = GaussianDiffusion(1000)
+    x0, noise = torch.randn(5, 1, 4, 4, dtype=torch.float64), torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    t = torch.tensor([0, 10, 100, 500, 999])
+    abar = np.cumprod(1 - linear_betas(1000))
+    expected = torch.stack([math.sqrt(abar[i]) * x0[k] + math.sqrt(1 - abar[i]) * noise[k] for k, i in enumerate(t.tolist())])
+    torch.testing.assert_close(d.q_sample(x0, t, noise), expected)
+
+
+def test_q_sample_marginal_statistics():
+    d, t = GaussianDiffusion(1000), 300
+    x0 = torch.full((20000, 1, 1, 1), 0.7, dtype=torch.float64)
+    xt = d.q_sample(x0, torch.full((20000,), t), torch.randn_like(x0))
+    abar = d.alphas_cumprod[t]
+    assert float(xt.mean()) == pytest.approx(math.sqrt(abar) * 0.7, abs=0.02)
+    assert float(xt.std()) == pytest.approx(math.sqrt(1 - abar), abs=0.02)
+
+
+def test_posterior_is_bayes_rule_of_the_forward_process():
+    """q(x_{t-1}|x_t,x_0) from Eq. 7 equals the Gaussian conditional computed by hand."""
+    d, t = GaussianDiffusion(1000), 250
+    x0, xt = torch.tensor([[[[0.3]]]], dtype=torch.float64), torch.tensor([[[[-0.4]]]], dtype=torch.float64)
+    abar_prev, beta = d.alphas_cumprod[t - 1], d.betas[t]
+    # prior x_{t-1} ~ N(sqrt(abar_prev) x0, 1-abar_prev); likelihood x_t ~ N(sqrt(1-beta) x_{t-1}, beta)
+    prec = 1 / (1 - abar_prev) + (1 - beta) / beta
+    mean = (math.sqrt(abar_prev) * 0.3 / (1 - abar_prev) + math.sqrt(1 - beta) * -0.4 / beta) / prec
+    got_mean, got_logvar = d.q_posterior(x0, xt, torch.tensor([t]))
+    assert float(got_mean) == pytest.approx(mean, rel=1e-9)
+    assert float(got_logvar.exp()) == pytest.approx(1 / prec, rel=1e-9)
+
+
+def test_normal_kl_matches_torch_distributions():
+    m1, m2, lv1, lv2 = torch.randn(4, 10).double().unbind()
+    ref = torch.distributions.kl_divergence(torch.distributions.Normal(m1, (0.5 * lv1).exp()),
+                                            torch.distributions.Normal(m2, (0.5 * lv2).exp()))
+    torch.testing.assert_close(normal_kl(m1, lv1, m2, lv2), ref)
+
+
+def test_discretized_gaussian_is_a_distribution_over_256_levels():
+    levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1.0
+    for mean, log_scale in [(0.1, -2.0), (-0.9, -4.0), (0.99, -1.0)]:
+        ll = discretized_gaussian_log_likelihood(levels, torch.full_like(levels, mean), torch.full_like(levels, log_scale))
+        assert float(ll.exp().sum()) == pytest.approx(1.0, abs=1e-6)
+        # interior bin equals the CDF difference from scipy
+        k = int(torch.argmin((levels - mean).abs()))
+        ref = stats.norm.cdf(levels[k] + 1 / 255, mean, math.exp(log_scale)) - stats.norm.cdf(levels[k] - 1 / 255, mean, math.exp(log_scale))
+        assert float(ll[k].exp()) == pytest.approx(ref, rel=1e-6)
+
+
+def test_respace_keeps_the_cumulative_schedule():
+    d = GaussianDiffusion(1000)
+    r = d.respace(50)
+    assert r.num_timesteps == 50 and r.timestep_map[0] == 0 and r.timestep_map[-1] == 999
+    np.testing.assert_allclose(r.alphas_cumprod, d.alphas_cumprod[r.timestep_map], rtol=1e-12)
+    assert d.respace(1000) is d
+
+
+class GaussianDataOracle(torch.nn.Module):
+    """The exact eps-predictor for data x0 ~ N(mu, s^2): E[eps | x_t] (so samplers must recover N(mu, s^2))."""
+
+    def __init__(self, diffusion, mu=0.3, s=0.2):
+        super().__init__()
+        self.abar = torch.as_tensor(diffusion.alphas_cumprod)
+        self.mu, self.s = mu, s
+
+    def forward(self, x, t):
+        abar = self.abar[t].to(x).reshape(-1, 1, 1, 1)
+        return (1 - abar).sqrt() * (x - abar.sqrt() * self.mu) / (abar * self.s ** 2 + 1 - abar)
+
+
+def _sample_moments(x):
+    return float(x.mean()), float(x.std())
+
+
+def test_ddim_eta1_all_steps_matches_ancestral_statistically():
+    """With sigma_t = the DDPM posterior std (eta=1, all 1000 steps) DDIM is DDPM's ancestral
+    sampler (Song et al. 2021 Sec. 4.1); both must also recover the data distribution."""
+    d = GaussianDiffusion(1000, variance="fixedsmall", clip_denoised=False)
+    oracle = GaussianDataOracle(d)
+    torch.manual_seed(0)
+    anc = d.ancestral_sample(oracle, 4000, (1, 1, 1), torch.device("cpu"))
+    ddim = d.ddim_sample(oracle, 4000, (1, 1, 1), torch.device("cpu"), eta=1.0)
+    for x in (anc, ddim):
+        m, s = _sample_moments(x)
+        assert m == pytest.approx(0.3, abs=0.015) and s == pytest.approx(0.2, abs=0.015)
+    ks = stats.ks_2samp(anc.flatten().numpy(), ddim.flatten().numpy())
+    assert ks.pvalue > 0.01
+    # and each DDIM eta=1 step has exactly the ancestral step's mean
+    x, t = torch.randn(8, 1, 1, 1), torch.full((8,), 400)
+    out = d.p_mean_variance(oracle, x, t)
+    eps = d.predict_eps(x, t, out["pred_x0"])
+    abar, abar_prev = d._gather(d.alphas_cumprod, t, x), d._gather(d.alphas_cumprod_prev, t, x)
+    sigma2 = (1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)
+    ddim_mean = abar_prev.sqrt() * out["pred_x0"] + (1 - abar_prev - sigma2).sqrt() * eps
+    torch.testing.assert_close(ddim_mean, out["mean"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sigma2.log(), out["log_variance"], rtol=1e-5, atol=1e-6)
+
+
+def test_deterministic_ddim_converges_to_the_data_distribution():
+    """eta=0 integrates the probability-flow ODE: exact at 1000 steps, with a variance shortfall that
+    shrinks as the number of respaced steps grows (Euler discretization error)."""
+    d = GaussianDiffusion(1000, clip_denoised=False)
+    oracle = GaussianDataOracle(d)
+    stds = {}
+    for steps in (20, 50, 200, 1000):
+        torch.manual_seed(0)
+        x = d.respace(steps).ddim_sample(oracle, 4000, (1, 1, 1), torch.device("cpu"), eta=0.0)
+        m, stds[steps] = _sample_moments(x)
+        assert m == pytest.approx(0.3, abs=0.015)
+    assert stds[1000] == pytest.approx(0.2, abs=0.006)
+    assert stds[20] < stds[50] < stds[200] < stds[1000] + 0.003
+
+
+def test_bound_of_a_perfect_gaussian_model_is_close_to_the_true_entropy():
+    """For x0 on the 8-bit grid drawn from N(0, 0.2^2), the bound (bits/dim) with the exact oracle
+    is >= the discrete entropy (it is a bound) and within a bit of it (the gap is mostly L_0 with the
+    narrow fixed decoder variance); a wrong model (mean shifted) gets a clearly worse bound."""
+    d = GaussianDiffusion(1000, variance="fixedsmall", clip_denoised=False)
+    oracle = GaussianDataOracle(d, mu=0.0, s=0.2)
+    torch.manual_seed(1)
+    x0 = (torch.randn(512, 1, 1, 1) * 0.2).mul(127.5).round().div(127.5).clamp(-1, 1)
+    bpd = float(d.bpd(oracle, x0).mean())
+    # discrete entropy of the quantized Gaussian (bin width 2/255), in bits
+    levels = np.arange(256) / 127.5 - 1
+    p = stats.norm.cdf(levels + 1 / 255, 0, 0.2) - stats.norm.cdf(levels - 1 / 255, 0, 0.2)
+    entropy = float(-(p[p > 0] * np.log2(p[p > 0])).sum())
+    assert entropy - 0.05 < bpd < entropy + 1.0
+    torch.manual_seed(1)
+    wrong = float(d.bpd(GaussianDataOracle(d, mu=0.3, s=0.2), x0).mean())
+    assert wrong > bpd + 0.5

@@ -1,0 +1,104 @@
+"""train(): the smoke run end to end, results.json, and bad input."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from conftest import ROOT, compose_train
+from metrics.results import SCHEMA_KEYS
+from scripts.train import CheckpointError, train
+
+
+def _assert_schema(results: dict):
+    for key in SCHEMA_KEYS:
+        assert key in results, key
+    assert isinstance(results["model"], str) and isinstance(results["dataset"], str)
+    assert isinstance(results["seed"], int) and results["num_params"] > 0 and results["train_steps"] > 0
+    for name, value in results["metrics"].items():
+        assert isinstance(value, float) and math.isfinite(value), (name, value)
+
+
+def test_cli_smoke_ddpm_writes_results_and_a_syncable_offline_wandb_run(tmp_path):
+    """The documented command, as a subprocess, with the default (W&B) logger and no network."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "WANDB_MODE": "offline", "GENBENCH_CACHE": str(tmp_path / "cache")}
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run([sys.executable, "scripts/train.py", "experiment=smoke", "model=ddpm",
+                           f"hydra.run.dir={run_dir}", "callbacks.progress_bar=null"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    _assert_schema(results)
+    assert results["model"] == "ddpm" and results["dataset"] == "digits" and results["status"] == "ok"
+    assert results["train_steps"] == 30
+    assert {"bpd", "nfe", "sec_per_sample", "train_loss"} <= set(results["metrics"])
+    assert results["metrics"]["nfe"] == 1000.0
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert list((run_dir / "samples").glob("*.png"))
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb")), "no syncable offline W&B run"
+
+
+@pytest.mark.parametrize("override,choice", [("model=diffusion_transformer", "ddpm"),
+                                             ("datamodule=imagenet", "digits"),
+                                             ("logger=tensorboard", "wandb")])
+def test_unknown_group_option_lists_the_available_choices(override, choice):
+    with pytest.raises((MissingConfigException, ConfigCompositionException), match=rf"(?s)Available options.*{choice}"):
+        compose_train([override])
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(ConfigCompositionException, match="learning_rate"):
+        compose_train(["model.learning_rate=0.1"])
+
+
+def test_unsupported_image_size_fails_before_training(tmp_path, smoke_overrides):
+    cfg = compose_train(smoke_overrides + ["datamodule.image_size=9"], tmp_path)
+    with pytest.raises(Exception, match=r"image_size must be a multiple of 2.*Supported sizes"):
+        train(cfg)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_missing_dataset_offline_names_the_folder(tmp_path, smoke_overrides):
+    cfg = compose_train(smoke_overrides + ["datamodule=mnist", "datamodule.download=false"], tmp_path)
+    with pytest.raises(Exception, match=r"MNIST/raw"):
+        train(cfg)
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, smoke_overrides, monkeypatch):
+    from models.diffusion.gaussian_diffusion import GaussianDiffusion
+
+    real_loss, calls = GaussianDiffusion.training_loss, {"n": 0}
+
+    def poisoned(self, model, x0, generator=None):
+        loss = real_loss(self, model, x0, generator)
+        if torch.is_grad_enabled():
+            calls["n"] += 1
+            if calls["n"] > 25:  # checkpoint at step 20 is good; step 26 diverges
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(GaussianDiffusion, "training_loss", poisoned)
+    cfg = compose_train(smoke_overrides, tmp_path)
+    with pytest.raises(FloatingPointError, match=r"non-finite training loss at step 25.*last good checkpoint"):
+        train(cfg)
+    good = tmp_path / "checkpoints" / "step0000020.ckpt"
+    assert good.is_file()
+    state = torch.load(good, map_location="cpu", weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["status"] == "failed" and "non-finite" in results["error"]
+
+
+def test_corrupt_checkpoint_is_refused_with_the_fix(tmp_path, smoke_overrides):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    cfg = compose_train(smoke_overrides, tmp_path)
+    with pytest.raises(CheckpointError, match="corrupt.*ckpt_path=null"):
+        train(cfg)
