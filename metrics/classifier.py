@@ -57,7 +57,7 @@ def accuracy(net: SmallCNN, dataset: Dataset, batch_size: int = 512) -> float:
 
 
 def train_classifier(train_set: Dataset, test_set: Dataset, channels: int, num_classes: int,
-                     epochs: int = 15, seed: int = 0, batch_size: int = 128) -> tuple[SmallCNN, float]:
+                     epochs: int = 50, seed: int = 0, batch_size: int = 64) -> tuple[SmallCNN, float]:
     """Adam + cross-entropy with small random shifts; returns the net and its test accuracy."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -105,7 +105,7 @@ def _load_cached(path: Path) -> dict | None:
         return None
 
 
-def load_or_train_classifier(datamodule, cache_dir: str | Path, seed: int = 0, epochs: int = 15) -> ClassifierExtractor:
+def load_or_train_classifier(datamodule, cache_dir: str | Path, seed: int = 0, epochs: int = 50) -> ClassifierExtractor:
     """The cached classifier of this dataset, trained first if absent (or its cache is corrupt)."""
     if datamodule.num_classes < 2:
         raise ValueError(f"dataset {datamodule.name!r} has no class labels (num_classes={datamodule.num_classes}); "

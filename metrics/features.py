@@ -83,6 +83,8 @@ class FeatureMetrics:
         values: dict[str, float] = {}
         details: dict[str, Any] = {"reference": {k: self.reference.spec[k] for k in ("dataset", "split", "num_images")},
                                    "extractor": self.reference.spec["extractor"], "prdc_k": self.k}
+        if getattr(self.extractor, "test_accuracy", None) is not None:
+            details["extractor_test_accuracy"] = self.extractor.test_accuracy
         if self.fid is not None:
             values["fid"] = float(self.fid.compute())
             warning = small_sample_warning(min(num_samples, self.reference.num_images), self.extractor.feature_dim)
@@ -102,7 +104,7 @@ class FeatureMetrics:
 
 
 def build_extractor(name: str, datamodule=None, cache_dir: str = ".cache", weights_path: str | None = None,
-                    classifier_seed: int = 0, classifier_epochs: int = 15):
+                    classifier_seed: int = 0, classifier_epochs: int = 50):
     if name == "inception_pool":
         from metrics.extractors import InceptionPoolExtractor
         return InceptionPoolExtractor(weights_path)

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+
+import scripts  # noqa: F401  (registers the config resolvers)
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+import scripts  # noqa: F401  (registers the config resolvers)
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -30,8 +31,27 @@ def compose_train(overrides: list[str], output_dir: Path | None = None, config_n
     return cfg
 
 
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One cache (classifier, reference statistics) for the whole session, as a user's would be."""
+    return tmp_path_factory.mktemp("cache")
+
+
 @pytest.fixture
-def smoke_overrides(tmp_path) -> list[str]:
-    """The smoke preset, CSV logging, no progress bar, caches inside the test's tmp dir."""
-    return ["experiment=smoke", "logger=csv", "callbacks.progress_bar=null",
-            f"paths.cache_dir={tmp_path / 'cache'}", f"paths.data_dir={tmp_path / 'data'}"]
+def smoke_overrides(tmp_path, shared_cache) -> list[str]:
+    """The smoke preset, CSV logging, no progress bar, classifier features only (the Inception
+    extractor is exercised by its own tests and the CLI test)."""
+    return ["experiment=smoke", "logger=csv", "callbacks.progress_bar=null", "evaluation.final_extractors=[]",
+            f"paths.cache_dir={shared_cache}", f"paths.data_dir={tmp_path / 'data'}"]
+
+
+@pytest.fixture(scope="session")
+def smoke_checkpoint(tmp_path_factory, shared_cache) -> Path:
+    """A DDPM trained by the smoke preset (once per session) for evaluation tests."""
+    from scripts.train import train
+
+    out = tmp_path_factory.mktemp("smoke_run")
+    cfg = compose_train(["experiment=smoke", "logger=csv", "callbacks.progress_bar=null",
+                         "evaluation.final_extractors=[]", f"paths.cache_dir={shared_cache}"], out)
+    train(cfg)
+    return out / "checkpoints" / "last.ckpt"

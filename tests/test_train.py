@@ -38,6 +38,14 @@ def test_cli_smoke_ddpm_writes_results_and_a_syncable_offline_wandb_run(tmp_path
     assert results["model"] == "ddpm" and results["dataset"] == "digits" and results["status"] == "ok"
     assert results["train_steps"] == 30
     assert {"bpd", "nfe", "sec_per_sample", "train_loss"} <= set(results["metrics"])
+    # feature metrics from the classifier (every evaluation) and the standard Inception (final)
+    feature_metrics = {"fid", "precision", "recall", "density", "coverage"}
+    assert results["feature_extractor"] == "classifier"
+    assert feature_metrics | {"is", "kid"} <= set(results["metrics"])
+    assert {f"inception_pool/{m}" for m in feature_metrics} <= set(results["metrics"])
+    assert "inception_pool/is" not in results["metrics"]  # no logits: unavailable, never faked
+    assert "not available" in results["details"]["extractors"]["inception_pool"]["is"]
+    assert results["details"]["extractors"]["classifier"]["fid_small_n"] is True
     assert results["metrics"]["nfe"] == 1000.0
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
     assert list((run_dir / "samples").glob("*.png"))

@@ -1,0 +1,213 @@
+"""Evaluate a checkpoint, or score any sample set against any reference.
+
+    # (a) a checkpoint, with any evaluation settings (sampler, N, extractor, processes)
+    python scripts/evaluate.py ckpt_path=logs/train/runs/X/checkpoints/last.ckpt \
+        evaluation.num_samples=1000 evaluation.extractor=inception_pool sampler.name=ddim sampler.steps=50
+    # (b) a sample set against a reference: folders, guided-diffusion .npz or dataset names
+    python scripts/evaluate.py samples=samples.npz reference=cifar10:train evaluation.extractor=inception_pool
+
+Prints one JSON line of metrics and writes <run dir>/results.json (and features.npz with
+save_features=true).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import hydra
+
+import scripts  # noqa: F401  (registers the config resolvers)
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from metrics.evaluation import Evaluator, save_png
+from metrics.features import FeatureMetrics, build_extractor, build_feature_metrics
+from metrics.image_sets import load_image_set
+from metrics.reference import ReferenceStats, load_or_compute_reference, reference_spec
+from metrics.results import RESULTS_FILE, write_json
+from scripts.train import check_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- (a) checkpoints
+
+def load_checkpoint_run(ckpt_path: str | Path, device: str = "cpu"):
+    """(model, datamodule, run_config) rebuilt from a checkpoint's stored config and weights."""
+    path = check_checkpoint(Path(ckpt_path))
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    run_config = ckpt.get("genbench_config")
+    if not run_config:
+        raise ValueError(f"{path} carries no genbench run config; it was not written by scripts/train.py")
+    cfg = OmegaConf.create(run_config)
+    datamodule = hydra.utils.instantiate(cfg.datamodule)
+    model = hydra.utils.instantiate(cfg.model)
+    model.load_state_dict(ckpt["state_dict"])
+    model.run_config = run_config
+    return model.to(device).eval(), datamodule, cfg
+
+
+def _evaluate_checkpoint_worker(rank: int, world: int, port: int, cfg: DictConfig, out: dict | None) -> dict:
+    """One process of a checkpoint evaluation; with world > 1 a gloo process group on localhost."""
+    if world > 1:
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+        torch.set_num_threads(max(1, torch.get_num_threads() // world))
+    try:
+        model, datamodule, run_cfg = load_checkpoint_run(cfg.ckpt_path, cfg.device)
+        ev = cfg.evaluation
+        evaluator = Evaluator(ev.num_samples, ev.batch_size, ev.bpd_num_images, ev.grid_size, ev.seed)
+        names = ([ev.extractor] if ev.extractor else []) + [e for e in ev.final_extractors if e != ev.extractor]
+        feature_sets = [build_feature_metrics(n, datamodule, cfg.paths.cache_dir, ev.reference.split,
+                                              ev.reference.num_images, ev.metrics, cfg.device, ev.batch_size,
+                                              ev.weights_path, seed=ev.seed, k=ev.prdc_k) for n in names]
+        sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else {}
+        result = evaluator.evaluate(model, datamodule.split("test"), sampler, feature_sets)
+        summary = {
+            "model": model.family, "dataset": datamodule.name, "seed": int(run_cfg.seed),
+            "num_params": model.num_params, "train_steps": int(torch.load(cfg.ckpt_path, map_location="cpu",
+                                                                          weights_only=False).get("global_step", 0)),
+            "feature_extractor": result.feature_extractor, "num_samples": result.num_samples,
+            "sampler": result.sampler, "likelihood_kind": model.likelihood_kind, "metrics": result.metrics,
+            "details": result.details, "checkpoint": str(cfg.ckpt_path), "world_size": world, "status": "ok",
+        }
+        if rank == 0 and out is not None:
+            out.update(summary)
+            out["_grid"] = result.grid
+        return summary
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
+    world = int(cfg.get("num_processes", 1))
+    if world <= 1:
+        out: dict = {}
+        _evaluate_checkpoint_worker(0, 1, 0, cfg, out)
+        return out
+    import torch.multiprocessing as mp
+
+    manager = mp.Manager()
+    shared = manager.dict()
+    mp.spawn(_spawn_entry, args=(world, _free_port(), cfg, shared), nprocs=world, join=True)
+    return dict(shared)
+
+
+def _spawn_entry(rank, world, port, cfg, shared):
+    local: dict = {}
+    _evaluate_checkpoint_worker(rank, world, port, cfg, local if rank == 0 else None)
+    if rank == 0:
+        shared.update(local)
+
+
+# ----------------------------------------------------------------------------- (b) sample sets
+
+def features_of(extractor, images: torch.Tensor, batch_size: int, device) -> dict[str, torch.Tensor | None]:
+    pools, logits = [], []
+    for start in range(0, images.shape[0], batch_size):
+        out = extractor(images[start:start + batch_size].to(device))
+        pools.append(out["pool"].cpu())
+        if out["logits"] is not None:
+            logits.append(out["logits"].cpu())
+    return {"pool": torch.cat(pools), "logits": torch.cat(logits) if logits else None}
+
+
+def evaluate_sample_sets(cfg: DictConfig) -> dict[str, Any]:
+    ev, device = cfg.evaluation, cfg.device
+    samples = load_image_set(cfg.samples, cfg.paths.data_dir)
+    ref_source = cfg.reference
+    from datamodules.datasets import REGISTRY
+    is_dataset = Path(ref_source).suffix != ".npz" and not Path(ref_source).is_dir() and ref_source.partition(":")[0] in REGISTRY
+    name = ev.extractor or "inception_pool"
+    datamodule = None
+    if name == "classifier":
+        if not is_dataset:
+            raise ValueError("the classifier extractor needs a dataset reference (its labels), e.g. reference=digits")
+        from datamodules import ImageDataModule
+        from datamodules.datasets import get_entry
+        info = get_entry(ref_source.partition(":")[0]).info
+        datamodule = ImageDataModule(name=ref_source.partition(":")[0], data_dir=cfg.paths.data_dir,
+                                     image_size=samples.shape[-1], channels=info.channels, num_classes=info.num_classes)
+    extractor = build_extractor(name, datamodule, cfg.paths.cache_dir, ev.weights_path).to(device)
+    if is_dataset:
+        dname, _, split = ref_source.partition(":")
+        from datamodules.datasets import load_split
+        dataset = load_split(dname, cfg.paths.data_dir, split or "train", samples.shape[-1])
+        reference, _ = load_or_compute_reference(extractor, dataset, dname, split or "train", ev.reference.num_images,
+                                                 tuple(samples.shape[1:]), cfg.paths.cache_dir, ev.batch_size, device)
+        ref_channels = dataset[0][0].shape[0]
+    else:
+        ref_images = load_image_set(ref_source)
+        ref_channels = ref_images.shape[1]
+        feats = features_of(extractor, ref_images, ev.batch_size, device)["pool"]
+        mu = feats.double().mean(0)
+        xc = feats.double() - mu
+        spec = reference_spec(str(ref_source), "file", feats.shape[0], list(ref_images.shape[1:]), extractor.cache_key())
+        reference = ReferenceStats(mu, xc.T @ xc / (feats.shape[0] - 1), feats, spec)
+    if ref_channels != samples.shape[1]:
+        raise ValueError(f"samples have {samples.shape[1]} channel(s), the reference {ref_channels}; "
+                         "compare like with like")
+    metrics = FeatureMetrics(extractor, reference, ev.metrics, seed=ev.seed, k=ev.prdc_k).to(device)
+    gen = features_of(extractor, samples, ev.batch_size, device)
+    idx = torch.arange(samples.shape[0])
+    # reuse the features: feed the metrics without a second extractor pass
+    metrics.reset_generated()
+    if metrics.fid is not None:
+        metrics.fid.update(gen["pool"])
+    if metrics.inception_score is not None:
+        metrics.inception_score.update(gen["logits"], idx)
+    if metrics.kid is not None:
+        metrics.kid.update(gen["pool"], idx)
+    if metrics.prdc is not None:
+        metrics.prdc.update(gen["pool"], idx)
+    values, details = metrics.compute(samples.shape[0])
+    summary = {"model": None, "dataset": str(ref_source), "seed": int(ev.seed), "num_params": None, "train_steps": None,
+               "feature_extractor": name, "num_samples": int(samples.shape[0]), "sampler": None,
+               "metrics": values, "details": details, "samples": str(cfg.samples), "status": "ok"}
+    if cfg.get("save_features"):
+        out_dir = Path(cfg.paths.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        arrays = {"samples_pool": gen["pool"].numpy(), "reference_pool": reference.features.numpy()}
+        if gen["logits"] is not None:
+            arrays["samples_logits"] = gen["logits"].numpy()
+        np.savez(out_dir / "features.npz", **arrays)
+    return summary
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Dispatch: ckpt_path -> checkpoint evaluation; samples + reference -> sample-set scoring."""
+    if cfg.get("ckpt_path"):
+        summary = evaluate_checkpoint(cfg)
+    elif cfg.get("samples") and cfg.get("reference"):
+        summary = evaluate_sample_sets(cfg)
+    else:
+        raise ValueError("give ckpt_path=<file.ckpt>, or samples=<folder|.npz|dataset> and reference=<...>")
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    grid = summary.pop("_grid", None)
+    if grid is not None:
+        save_png(grid, out_dir / "samples.png")
+    write_json(out_dir / RESULTS_FILE, summary)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    summary = evaluate(cfg)
+    print(json.dumps({"metrics": summary["metrics"], "feature_extractor": summary["feature_extractor"],
+                      "num_samples": summary["num_samples"]}))
+
+
+if __name__ == "__main__":
+    main()

