@@ -109,6 +109,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     model.run_config = OmegaConf.to_container(cfg, resolve=True)
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
+    if not loggers:  # logger=none: the LR monitor has nowhere to write and Lightning refuses it
+        callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
     evaluation = next((cb for cb in callbacks if isinstance(cb, EvaluationCallback)), None)
     trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)

@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy import stats
 
-from models.diffusion.gaussian_diffusion import (GaussianDiffusion, cosine_betas, discretized_gaussian_log_likelihood,
-                                                 linear_betas, normal_kl)
+from models.components.likelihoods import discretized_gaussian_log_likelihood
+from models.diffusion.gaussian_diffusion import GaussianDiffusion, cosine_betas, linear_betas, normal_kl
 
 
 def test_linear_betas_are_ho2020_values():

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.base import Noise, SampleNoise, randn
+from models.base import Noise, randn
+from models.components.likelihoods import discretized_gaussian_log_likelihood
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
 
@@ -50,24 +51,6 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) ->
     """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)), elementwise, in nats."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-def _std_normal_cdf(x: Tensor) -> Tensor:
-    return 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
-
-
-def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
-    """Ho et al. Eq. 13: log of the N(mean, e^{2 log_scale}) mass of the 8-bit bin of x in [-1, 1]
-    (bin half-width 1/255), with the edge bins extended to -inf / +inf. Elementwise, nats."""
-    centered = x - mean
-    inv_std = torch.exp(-log_scale)
-    cdf_plus = _std_normal_cdf(inv_std * (centered + 1.0 / 255.0))
-    cdf_min = _std_normal_cdf(inv_std * (centered - 1.0 / 255.0))
-    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
-    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
-    cdf_delta = cdf_plus - cdf_min
-    return torch.where(x < -0.999, log_cdf_plus,
-                       torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))))
 
 
 class GaussianDiffusion:

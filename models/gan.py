@@ -1,0 +1,128 @@
+"""GAN (Goodfellow et al. 2014) with DCGAN/SNGAN networks, trained by manual optimization."""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.base import GenerativeModule, Noise, randn
+from models.components.ema import EMA
+
+LOSSES = ("nonsaturating", "hinge")
+
+
+def discriminator_loss(kind: str, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """nonsaturating: -log D(x) - log(1 - D(G(z))) (Goodfellow et al. Eq. 1);
+    hinge: E[relu(1 - D(x))] + E[relu(1 + D(G(z)))] (Lim & Ye 2017; Miyato et al. 2018)."""
+    if kind == "hinge":
+        return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def generator_loss(kind: str, fake_logits: Tensor) -> Tensor:
+    """nonsaturating: -log D(G(z)) (Goodfellow et al. Sec. 3); hinge: -E[D(G(z))]."""
+    if kind == "hinge":
+        return -fake_logits.mean()
+    return F.softplus(-fake_logits).mean()
+
+
+class GAN(GenerativeModule):
+    """Args:
+        generator, discriminator: plain nets (models.components.gan_nets).
+        g_optimizer, d_optimizer: ``_partial_`` optimizers (DCGAN: Adam 2e-4, betas (0.5, 0.999)).
+        loss: "nonsaturating" or "hinge".
+        n_critic: discriminator steps per generator step.
+        ema_decay: EMA of the generator, used for sampling (0 disables averaging: EMA = G).
+        grad_clip: gradient-norm clip for both nets (None = off).
+
+    Note: Lightning's ``global_step`` counts every optimizer step, so one G step with n_critic D
+    steps advances it by n_critic + 1; ``trainer.max_steps`` is in those units.
+    """
+
+    family = "gan"
+    likelihood_kind = None
+
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, g_optimizer: Callable, d_optimizer: Callable,
+                 image_shape: Sequence[int], loss: str = "nonsaturating", n_critic: int = 1,
+                 ema_decay: float = 0.999, ema_warmup: bool = True, grad_clip: float | None = None,
+                 sample_batch_size: int = 256):
+        super().__init__(image_shape)
+        if loss not in LOSSES:
+            raise ValueError(f"unknown GAN loss {loss!r}; choose one of {LOSSES}")
+        if n_critic < 1:
+            raise ValueError(f"n_critic must be >= 1, got {n_critic}")
+        self.save_hyperparameters(ignore=["generator", "discriminator", "g_optimizer", "d_optimizer"], logger=False)
+        self.automatic_optimization = False
+        self.generator, self.discriminator = generator, discriminator
+        self.ema = EMA(generator, ema_decay, warmup=ema_warmup)
+        self.g_optimizer_factory, self.d_optimizer_factory = g_optimizer, d_optimizer
+        self.loss_kind, self.n_critic, self.grad_clip = loss, n_critic, grad_clip
+        self.sample_batch_size = sample_batch_size
+        self.latent_dim = generator.latent_dim
+        with torch.no_grad():  # shapes must agree before any training
+            out = generator(torch.zeros(2, self.latent_dim))
+        if tuple(out.shape[1:]) != self.image_shape:
+            raise ValueError(f"generator produces {tuple(out.shape[1:])} images, data is {self.image_shape}")
+        self._d_steps = 0
+
+    def configure_optimizers(self):
+        return [self.g_optimizer_factory(params=self.generator.parameters()),
+                self.d_optimizer_factory(params=self.discriminator.parameters())]
+
+    def _step(self, optimizer, loss: Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        self.manual_backward(loss)
+        if self.grad_clip:
+            self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
+        optimizer.step()
+
+    def training_step(self, batch, batch_idx: int) -> None:
+        g_opt, d_opt = self.optimizers()
+        real = batch[0] * 2.0 - 1.0                                           # (B, C, H, W) in [-1, 1]
+        b = real.shape[0]
+        # discriminator step
+        fake = self.generator(torch.randn(b, self.latent_dim, device=self.device)).detach()
+        d_loss = discriminator_loss(self.loss_kind, self.discriminator(real), self.discriminator(fake))
+        self.check_finite_loss(d_loss, "discriminator loss")
+        self._step(d_opt, d_loss)
+        self._d_steps += 1
+        self.log("train/d_loss", d_loss, prog_bar=True, on_step=True, batch_size=b)
+        if self._d_steps % self.n_critic:
+            return
+        # generator step
+        fake = self.generator(torch.randn(b, self.latent_dim, device=self.device))
+        g_loss = generator_loss(self.loss_kind, self.discriminator(fake))
+        self.check_finite_loss(g_loss, "generator loss")
+        self._step(g_opt, g_loss)
+        self.ema.update(self.generator)
+        self.log("train/g_loss", g_loss, prog_bar=True, on_step=True, batch_size=b)
+        self.log("train/loss", g_loss + d_loss, on_step=True, batch_size=b)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        real = batch[0] * 2.0 - 1.0
+        z = torch.randn(real.shape[0], self.latent_dim, device=self.device,
+                        generator=torch.Generator(self.device).manual_seed(batch_idx))
+        d_loss = discriminator_loss(self.loss_kind, self.discriminator(real), self.discriminator(self.ema(z)))
+        self.log("val/d_loss", d_loss, sync_dist=True, batch_size=real.shape[0])
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["gan_d_steps"] = self._d_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self._d_steps = checkpoint.get("gan_d_steps", 0)
+
+    # ---------------------------------------------------------------- the interface
+    @torch.no_grad()
+    def sample(self, n: int, generator: Noise = None, **sampler_kw) -> Tensor:
+        """G_ema(z), z ~ N(0, I), mapped from [-1, 1] to [0, 1]."""
+        def draw(m: int, noise: Noise) -> Tensor:
+            z = randn(noise, m, (self.latent_dim,), self.device)
+            return ((self.ema(z) + 1.0) / 2.0).clamp(0.0, 1.0)
+        return self.sample_in_chunks(n, self.sample_batch_size, draw, generator)
+
+    def sampling_cost(self, **sampler_kw) -> dict[str, float]:
+        return {"nfe": 1.0}
