@@ -136,9 +136,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
                              "train_seconds": wall - eval_seconds}
         if trainer.is_global_zero:
             write_json(output_dir / RESULTS_FILE, summary)
-            for logger in loggers:
-                if isinstance(logger, pl.loggers.WandbLogger) and summary.get("status") == "ok":
-                    logger.experiment.summary.update({f"results/{k}": v for k, v in summary["metrics"].items()})
+            for logger in loggers:  # the W&B summary carries the results.json keys (make_table reads them)
+                if isinstance(logger, pl.loggers.WandbLogger):
+                    logger.experiment.summary.update({k: v for k, v in summary.items() if k not in ("config", "traceback")})
         _finish_wandb()
     log.info("results written to %s", output_dir / RESULTS_FILE)
     return summary["metrics"]

@@ -1,0 +1,104 @@
+"""Figures of the comparison (matplotlib, PNG + PDF): FID vs training step, FID vs NFE, precision
+vs recall, and the families' samples side by side."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from metrics.report import RunRecord  # noqa: E402
+
+
+def _save(fig, out_stem: Path) -> list[Path]:
+    out_stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [out_stem.with_suffix(".png"), out_stem.with_suffix(".pdf")]
+    for p in paths:
+        fig.savefig(p, bbox_inches="tight", dpi=150)
+    plt.close(fig)
+    return paths
+
+
+def _history(record: RunRecord) -> list[dict]:
+    path = Path(record.source) / "eval_history.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_fid_vs_step(records: Sequence[RunRecord], out_stem: Path, metric: str = "fid") -> list[Path]:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    extractor = None
+    for family in sorted({r.results["model"] for r in records if r.ok}):
+        for k, r in enumerate(r for r in records if r.ok and r.results["model"] == family):
+            hist = [h for h in _history(r) if metric in h["metrics"]]
+            if hist:
+                extractor = extractor or hist[0].get("feature_extractor")
+                ax.plot([h["step"] for h in hist], [h["metrics"][metric] for h in hist], marker="o", ms=3,
+                        color=f"C{sorted({x.results['model'] for x in records if x.ok}).index(family)}",
+                        alpha=0.8, label=family if k == 0 else None)
+    ax.set_xlabel("training step (optimizer steps)")
+    ax.set_ylabel(f"{metric.upper()} [{extractor}]")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("FID during training")
+    return _save(fig, out_stem)
+
+
+def plot_fid_vs_nfe(points: Sequence[dict], out_stem: Path) -> list[Path]:
+    """points: {"label": "DDIM-50", "nfe": 50, "fid": ...}; the DDIM paper's Table 1 shape."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ddim = sorted((p for p in points if p["label"].startswith("DDIM")), key=lambda p: p["nfe"])
+    ax.plot([p["nfe"] for p in ddim], [p["fid"] for p in ddim], marker="o", label="DDIM (eta=0)")
+    for p in points:
+        if not p["label"].startswith("DDIM"):
+            ax.scatter([p["nfe"]], [p["fid"]], marker="*", s=120, color="C3", label=p["label"], zorder=3)
+    for p in points:
+        ax.annotate(str(int(p["nfe"])), (p["nfe"], p["fid"]), textcoords="offset points", xytext=(3, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("network evaluations per sample (NFE)")
+    ax.set_ylabel(f"FID [{points[0].get('extractor', '')}]" if points else "FID")
+    ax.legend()
+    ax.set_title("DDPM: FID vs sampling steps")
+    return _save(fig, out_stem)
+
+
+def plot_precision_recall(records: Sequence[RunRecord], out_stem: Path) -> list[Path]:
+    fig, ax = plt.subplots(figsize=(4, 4))
+    families = sorted({r.results["model"] for r in records if r.ok})
+    for i, family in enumerate(families):
+        pts = [(r.results["metrics"]["recall"], r.results["metrics"]["precision"]) for r in records
+               if r.ok and r.results["model"] == family and "precision" in r.results["metrics"]]
+        if pts:
+            ax.scatter(*zip(*pts), color=f"C{i}", label=family, s=30)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    extractor = next((r.results.get("feature_extractor") for r in records if r.ok), "")
+    ax.set_title(f"improved precision/recall (k=3) [{extractor}]")
+    ax.legend()
+    return _save(fig, out_stem)
+
+
+def plot_sample_grids(grids: dict[str, Path], out_stem: Path) -> list[Path]:
+    """One panel per family: its final sample grid (the PNG the evaluation saved)."""
+    from PIL import Image
+
+    fig, axes = plt.subplots(1, len(grids), figsize=(3 * len(grids), 3.2))
+    axes = [axes] if len(grids) == 1 else list(axes)
+    for ax, (family, path) in zip(axes, sorted(grids.items())):
+        img = Image.open(path)
+        ax.imshow(img, cmap="gray" if img.mode == "L" else None, interpolation="nearest")
+        ax.set_title(family)
+        ax.axis("off")
+    return _save(fig, out_stem)
+
+
+def final_grid(record: RunRecord) -> Path | None:
+    grids = sorted((Path(record.source) / "samples").glob("step*.png"))
+    return grids[-1] if grids else None

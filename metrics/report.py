@@ -1,0 +1,299 @@
+"""The reviewer's benchmark table: runs (local results.json or W&B) -> mean ± std over seeds.
+
+A run record is the results.json contract (metrics/results.py). Runs that failed or lack
+metrics are listed separately, never averaged in. Figures from different feature extractors
+never share a column: the primary extractor's metrics (``fid``...) form one block, each extra
+extractor (``inception_pool/fid``...) its own.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from metrics.results import RESULTS_FILE
+
+# (key in results["metrics"], column title, higher is better)
+FEATURE_COLUMNS = [("fid", "FID", False), ("is", "IS", True), ("kid", "KID", False),
+                   ("precision", "Prec.", True), ("recall", "Rec.", True),
+                   ("density", "Dens.", True), ("coverage", "Cov.", True)]
+OTHER_COLUMNS = [("bpd", "bits/dim", False), ("nfe", "NFE", False), ("sec_per_sample", "s/sample", False)]
+INFO_COLUMNS = [("num_params", "params"), ("train_steps", "steps")]
+
+
+@dataclass
+class RunRecord:
+    source: str                       # run dir or W&B run path
+    results: dict[str, Any] | None    # the results.json contents (None if unreadable)
+    problem: str | None = None        # why the run cannot enter the table
+
+    @property
+    def ok(self) -> bool:
+        return self.problem is None
+
+
+def _check(source: str, results: dict | None) -> RunRecord:
+    if results is None:
+        return RunRecord(source, None, "no results.json")
+    if results.get("status", "ok") != "ok":
+        return RunRecord(source, results, f"failed: {results.get('error', results.get('status'))}")
+    metrics = results.get("metrics") or {}
+    finite = [k for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)]
+    if not finite or not any(k in metrics for k, _, _ in FEATURE_COLUMNS + OTHER_COLUMNS):
+        return RunRecord(source, results, "no evaluation metrics")
+    bad = [k for k, v in metrics.items() if v is None or (isinstance(v, float) and not math.isfinite(v))]
+    if bad:
+        return RunRecord(source, results, f"non-finite metrics {bad}")
+    return RunRecord(source, results)
+
+
+def collect_local(paths: Iterable[str | Path]) -> list[RunRecord]:
+    """results.json files, run directories, or sweep directories (searched recursively). A job
+    directory with a Hydra config but no results.json is reported as failed."""
+    records: list[RunRecord] = []
+    seen: set[Path] = set()
+    for path in map(Path, paths):
+        if path.is_file():
+            candidates = [path]
+        elif path.is_dir():
+            candidates = sorted(path.rglob(RESULTS_FILE))
+            job_dirs = {p.parent.parent for p in path.rglob(".hydra/config.yaml")}
+            candidates += [d / RESULTS_FILE for d in sorted(job_dirs) if not (d / RESULTS_FILE).exists()]
+        else:
+            records.append(RunRecord(str(path), None, "path does not exist"))
+            continue
+        for file in candidates:
+            if file in seen or "wandb" in file.parts:
+                continue
+            seen.add(file)
+            try:
+                results = json.loads(file.read_text()) if file.exists() else None
+            except (OSError, json.JSONDecodeError) as err:
+                records.append(RunRecord(str(file.parent), None, f"unreadable results.json ({err})"))
+                continue
+            records.append(_check(str(file.parent), results))
+    return records
+
+
+def record_from_wandb_run(run) -> RunRecord:
+    """A W&B run (public API object, or anything with .path/.state/.summary/.config) -> record.
+    train.py puts the results.json keys (minus the config) into the run summary."""
+    summary = dict(getattr(run, "summary", {}) or {})
+    source = "/".join(run.path) if isinstance(getattr(run, "path", None), (list, tuple)) else str(getattr(run, "path", run))
+    state = getattr(run, "state", "finished")
+    if "model" not in summary or "metrics" not in summary:
+        return RunRecord(source, None, f"no genbench results in the W&B summary (state {state})")
+    results = {k: summary[k] for k in summary if not k.startswith("_")}
+    results.setdefault("config", dict(getattr(run, "config", {}) or {}))
+    if state not in ("finished", "running"):
+        results.setdefault("status", state)
+    return _check(source, results)
+
+
+def collect_wandb(project: str, entity: str | None = None, group: str | None = None,
+                  tags: Sequence[str] = (), api=None) -> list[RunRecord]:
+    """Runs of a W&B project through the public API, filtered by group and tags."""
+    if api is None:
+        import wandb
+        api = wandb.Api()
+    filters: dict[str, Any] = {}
+    if group:
+        filters["group"] = group
+    if tags:
+        filters["tags"] = {"$in": list(tags)}
+    path = f"{entity}/{project}" if entity else project
+    return [record_from_wandb_run(run) for run in api.runs(path, filters=filters)]
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+@dataclass
+class Cell:
+    mean: float
+    std: float
+    n: int
+    best: bool = False
+
+    def text(self, digits: int) -> str:
+        if self.n > 1:
+            return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
+        return f"{self.mean:.{digits}f}"
+
+
+@dataclass
+class Table:
+    group_by: list[str]
+    columns: list[tuple[str, str, bool | None]]       # (key, title, higher_is_better or None)
+    rows: list[dict[str, Any]]                         # group values + Cell per column key
+    caption: str
+    failed: list[RunRecord] = field(default_factory=list)
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); std 0 for a single value."""
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def _group_value(results: dict, key: str):
+    if key in results:
+        return results[key]
+    node: Any = results.get("config", {})
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def build_table(records: Sequence[RunRecord], group_by: Sequence[str] = ("model",)) -> Table:
+    ok = [r for r in records if r.ok]
+    failed = [r for r in records if not r.ok]
+    extractors = sorted({r.results.get("feature_extractor") for r in ok if r.results.get("feature_extractor")})
+    if len(extractors) > 1:
+        raise ValueError(f"runs use different primary feature extractors {extractors}; their figures are not "
+                         "comparable: build one table per extractor (pass only those runs)")
+    extra = sorted({k.split("/")[0] for r in ok for k in r.results["metrics"] if "/" in k})
+    columns: list[tuple[str, str, bool | None]] = []
+    present = {k for r in ok for k in r.results["metrics"]}
+    primary = extractors[0] if extractors else None
+    for key, title, hib in FEATURE_COLUMNS:
+        if key in present:
+            columns.append((key, f"{title} [{primary}]", hib))
+    for name in extra:
+        for key, title, hib in FEATURE_COLUMNS:
+            if f"{name}/{key}" in present:
+                columns.append((f"{name}/{key}", f"{title} [{name}]", hib))
+    for key, title, hib in OTHER_COLUMNS:
+        if key in present:
+            columns.append((key, title, hib))
+    columns += [(key, title, None) for key, title in INFO_COLUMNS]
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in ok:
+        groups.setdefault(tuple(_group_value(r.results, k) for k in group_by), []).append(r.results)
+    rows = []
+    for gkey, members in sorted(groups.items(), key=lambda kv: [str(v) for v in kv[0]]):
+        row: dict[str, Any] = dict(zip(group_by, gkey))
+        row["seeds"] = sorted(m.get("seed") for m in members)
+        kinds = {m.get("likelihood_kind") for m in members}
+        row["bpd_kind"] = "exact" if kinds == {"exact"} else ("bound" if kinds == {"elbo"} else None)
+        for key, _, _ in columns:
+            vals = [float(m["metrics"][key]) if key in m.get("metrics", {}) else m.get(key) for m in members]
+            vals = [v for v in vals if isinstance(v, (int, float))]
+            if vals:
+                mean, std = mean_std(vals)
+                row[key] = Cell(mean, std, len(vals))
+        rows.append(row)
+    for key, _, hib in columns:
+        if hib is None:
+            continue
+        cells = [row[key] for row in rows if key in row]
+        if len(cells) > 1:
+            target = (max if hib else min)(c.mean for c in cells)
+            for c in cells:
+                c.best = math.isclose(c.mean, target, rel_tol=1e-9, abs_tol=1e-12)  # ties share it
+    ns = sorted({r.results.get("num_samples") for r in ok if r.results.get("num_samples")})
+    datasets = sorted({str(r.results.get("dataset")) for r in ok})
+    seeds = sorted({len(row["seeds"]) for row in rows})
+    caption = (f"{', '.join(datasets)}: mean ± std over {'/'.join(map(str, seeds))} seed(s). "
+               f"Feature metrics from {primary or 'no extractor'}"
+               + (f" and {', '.join(extra)} (final evaluation)" if extra else "")
+               + f", N = {'/'.join(map(str, ns))} generated samples. bits/dim on test images "
+               "(exact = flow, bound = ELBO/IWAE/variational bound). Best per column in bold.")
+    return Table(list(group_by), columns, rows, caption, failed)
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def _digits(key: str) -> int:
+    base = key.split("/")[-1]
+    return {"fid": 2, "is": 2, "kid": 3, "bpd": 3, "nfe": 0, "sec_per_sample": 4,
+            "num_params": 0, "train_steps": 0}.get(base, 3)
+
+
+def _fmt(row: dict, key: str, bold: tuple[str, str]) -> str:
+    cell = row.get(key)
+    if cell is None:
+        return "–"
+    if key == "num_params":
+        return f"{cell.mean / 1e6:.2f}M"
+    text = cell.text(_digits(key))
+    if key == "bpd" and row.get("bpd_kind"):
+        text += f" ({row['bpd_kind']})"
+    return f"{bold[0]}{text}{bold[1]}" if cell.best else text
+
+
+def to_markdown(table: Table) -> str:
+    head = table.group_by + ["seeds"] + [title for _, title, _ in table.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table.rows:
+        vals = [str(row[k]) for k in table.group_by] + [str(len(row["seeds"]))]
+        vals += [_fmt(row, key, ("**", "**")) for key, _, _ in table.columns]
+        lines.append("| " + " | ".join(vals) + " |")
+    out = "\n".join(lines) + f"\n\n{table.caption}\n"
+    if table.failed:
+        out += "\nFailed or incomplete runs (not averaged in):\n" + "".join(
+            f"- `{r.source}`: {r.problem}\n" for r in table.failed)
+    return out
+
+
+def _latex_escape(text: str) -> str:
+    for a, b in [("\\", r"\textbackslash{}"), ("_", r"\_"), ("%", r"\%"), ("&", r"\&"), ("#", r"\#"),
+                 ("±", r"$\pm$")]:
+        text = text.replace(a, b)
+    return text
+
+
+def to_latex(table: Table) -> str:
+    head = table.group_by + ["seeds"] + [title for _, title, _ in table.columns]
+    lines = [r"\begin{table}[t]", r"\centering", r"\small",
+             r"\begin{tabular}{" + "l" * (len(table.group_by) + 1) + "r" * len(table.columns) + "}", r"\toprule",
+             " & ".join(_latex_escape(h) for h in head) + r" \\", r"\midrule"]
+    for row in table.rows:
+        vals = [_latex_escape(str(row[k])) for k in table.group_by] + [str(len(row["seeds"]))]
+        vals += [_latex_escape(_fmt(row, key, ("\x00", "\x01"))).replace("\x00", r"\textbf{").replace("\x01", "}")
+                 for key, _, _ in table.columns]
+        lines.append(" & ".join(vals) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\caption{" + _latex_escape(table.caption) + "}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    header = table.group_by + ["seeds"]
+    for key, _, _ in table.columns:
+        header += [f"{key}_mean", f"{key}_std", f"{key}_best"]
+    writer.writerow(header)
+    for row in table.rows:
+        vals = [row[k] for k in table.group_by] + [" ".join(map(str, row["seeds"]))]
+        for key, _, _ in table.columns:
+            cell = row.get(key)
+            vals += ["", "", ""] if cell is None else [repr(cell.mean), repr(cell.std), int(cell.best)]
+        writer.writerow(vals)
+    for r in table.failed:
+        writer.writerow([f"FAILED {r.source}: {r.problem}"])
+    return buf.getvalue()
+
+
+def to_wandb_table(table: Table):
+    import wandb
+    columns = table.group_by + ["seeds"] + [title for _, title, _ in table.columns]
+    data = [[str(row[k]) for k in table.group_by] + [len(row["seeds"])]
+            + [_fmt(row, key, ("", "")) for key, _, _ in table.columns] for row in table.rows]
+    return wandb.Table(columns=columns, data=data)
+
+
+def write_table(table: Table, out_dir: str | Path, stem: str = "table") -> dict[str, Path]:
+    from metrics.results import atomic_write_text
+    out = Path(out_dir)
+    paths = {"md": out / f"{stem}.md", "tex": out / f"{stem}.tex", "csv": out / f"{stem}.csv"}
+    atomic_write_text(paths["md"], to_markdown(table))
+    atomic_write_text(paths["tex"], to_latex(table))
+    atomic_write_text(paths["csv"], to_csv(table))
+    return paths
