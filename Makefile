@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 main: $(STAMP)
-	$(PY) scripts/train.py experiment=digits_ddpm
+	$(PY) scripts/main_job.py
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)

@@ -33,7 +33,8 @@ class EvaluationCallback(pl.Callback):
                  final_sampler: dict[str, Any] | None = None, grid_size: int = 64, seed: int = 0,
                  output_dir: str = ".", extractor: str | None = None, final_extractors: list[str] | None = None,
                  metrics: list[str] | str = "auto", reference: dict[str, Any] | None = None,
-                 cache_dir: str = ".cache", weights_path: str | None = None, prdc_k: int = 3):
+                 cache_dir: str = ".cache", weights_path: str | None = None, prdc_k: int = 3,
+                 bpd_during_training: bool = False):
         super().__init__()
         self.every_n_steps = int(every_n_steps)
         self.sampler, self.final_sampler = dict(sampler or {}), dict(final_sampler or {})
@@ -44,6 +45,7 @@ class EvaluationCallback(pl.Callback):
         self.metric_names = metrics if isinstance(metrics, str) else list(metrics)
         self.reference = {"split": "train", "num_images": None, **(reference or {})}
         self.cache_dir, self.weights_path, self.prdc_k = cache_dir, weights_path, prdc_k
+        self.bpd_during_training = bpd_during_training
         self._feature_sets: dict[str, Any] = {}
         self.final: EvaluationResult | None = None
         self.eval_seconds = 0.0
@@ -81,7 +83,8 @@ class EvaluationCallback(pl.Callback):
         step = pl_module.global_step
         t0 = time.perf_counter()
         datamodule = trainer.datamodule
-        test_set = datamodule.split("test") if datamodule is not None else None
+        # bits/dim (the DDPM bound costs T network calls per image) at the end only, unless asked
+        test_set = datamodule.split("test") if datamodule is not None and (final or self.bpd_during_training) else None
         feature_sets = self.feature_sets(datamodule, pl_module.device, final) if datamodule is not None else []
         result = self.evaluator.evaluate(pl_module, test_set, self.final_sampler if final else self.sampler, feature_sets)
         self.eval_seconds += time.perf_counter() - t0

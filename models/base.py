@@ -127,8 +127,11 @@ class GenerativeModule(pl.LightningModule):
         return math.prod(self.image_shape)
 
     def sampler_kwargs(self, **overrides) -> dict[str, Any]:
+        """The family's default sampler updated by ``overrides``; keys this family does not use
+        (e.g. DDIM steps given to a GAN in a mixed sweep) are dropped, so results record only
+        what was actually used."""
         kw = dict(self.default_sampler)
-        kw.update({k: v for k, v in overrides.items() if v is not None})
+        kw.update({k: v for k, v in overrides.items() if v is not None and k in self.default_sampler})
         return kw
 
     @torch.no_grad()

@@ -101,6 +101,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
     pl.seed_everything(cfg.seed, workers=True)
 
     # Everything that can fail on bad config is built before any training work starts.

@@ -18,7 +18,8 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 
-def compose_train(overrides: list[str], output_dir: Path | None = None, config_name: str = "train") -> DictConfig:
+def compose_train(overrides: list[str], output_dir: Path | None = None, config_name: str = "train",
+                  keep_hydra: bool = False) -> DictConfig:
     """The config `python scripts/train.py <overrides>` would see, with the run dir at output_dir."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
@@ -27,7 +28,8 @@ def compose_train(overrides: list[str], output_dir: Path | None = None, config_n
     with open_dict(cfg):
         if output_dir is not None:
             cfg.paths.output_dir = str(output_dir)
-        del cfg["hydra"]
+        if not keep_hydra:
+            del cfg["hydra"]
     return cfg
 
 

@@ -1,0 +1,69 @@
+"""The main job's pieces: plots from hand-made runs, sampler settings per family, the SLURM preset,
+and (slow) the whole job at smoke scale."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import compose_train
+from metrics.plots import final_grid, plot_fid_vs_nfe, plot_fid_vs_step, plot_precision_recall, plot_sample_grids
+from metrics.report import collect_local
+
+
+@pytest.fixture
+def runs(tmp_path):
+    for i, (model, fid) in enumerate([("gan", 30.0), ("ddpm", 10.0)]):
+        d = tmp_path / f"{model}_seed0"
+        (d / "samples").mkdir(parents=True)
+        Image.fromarray(np.full((19, 19), 40 * (i + 1), np.uint8)).save(d / "samples" / "step0000100.png")
+        hist = [{"step": s, "feature_extractor": "classifier", "metrics": {"fid": fid * 100 / s}} for s in (100, 200, 400)]
+        (d / "eval_history.jsonl").write_text("\n".join(json.dumps(h) for h in hist) + "\n")
+        (d / "results.json").write_text(json.dumps({
+            "model": model, "dataset": "digits", "seed": 0, "num_params": 1, "train_steps": 400,
+            "feature_extractor": "classifier", "num_samples": 256, "sampler": {}, "status": "ok",
+            "metrics": {"fid": fid, "precision": 0.5, "recall": 0.6}}))
+    return tmp_path
+
+
+def test_plots_are_written_as_png_and_pdf(runs, tmp_path):
+    records = collect_local([runs])
+    out = tmp_path / "plots"
+    written = plot_fid_vs_step(records, out / "fid_vs_step") + plot_precision_recall(records, out / "pr")
+    written += plot_fid_vs_nfe([{"label": "DDIM-10", "nfe": 10, "fid": 20.0}, {"label": "DDIM-50", "nfe": 50, "fid": 12.0},
+                                {"label": "ancestral-1000", "nfe": 1000, "fid": 10.0}], out / "nfe")
+    written += plot_sample_grids({r.results["model"]: final_grid(r) for r in records}, out / "samples")
+    assert len(written) == 8
+    for path in written:
+        assert path.stat().st_size > 1000
+    assert Image.open(out / "samples.png").size[0] > 300
+
+
+def test_sampler_settings_are_recorded_only_by_the_family_that_uses_them():
+    import hydra
+    for model, expected in [("gan", {}), ("ddpm", {"name": "ddim", "steps": 50, "eta": 0.0})]:
+        m = hydra.utils.instantiate(compose_train([f"model={model}"]).model)
+        assert m.sampler_kwargs(name="ddim", steps=50, eta=0.0) == expected
+
+
+def test_slurm_launcher_preset_composes_one_task_per_gpu():
+    cfg = compose_train(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2",
+                         "hydra.launcher.partition=gpu"], keep_hydra=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 8 and launcher.nodes == 2
+    assert launcher.partition == "gpu" and launcher.max_num_timeout > 0
+
+
+@pytest.mark.slow
+def test_main_job_at_smoke_scale(tmp_path, shared_cache):
+    from scripts.main_job import run_main_job
+    result = run_main_job(tmp_path, [0, 1], preset="smoke", extra=[f"paths.cache_dir={shared_cache}", "logger=csv"],
+                          nfe_samples=16)
+    assert len(result["table"].rows) == 4 and not result["failed"]
+    for ext in ("md", "tex", "csv"):
+        assert (tmp_path / f"table.{ext}").is_file()
+    for name in ("fid_vs_step", "precision_recall", "fid_vs_nfe", "samples"):
+        assert (tmp_path / "plots" / f"{name}.png").is_file() and (tmp_path / "plots" / f"{name}.pdf").is_file()
+    assert [p["label"] for p in result["fid_vs_nfe"]][-1] == "ancestral-1000"
