@@ -118,10 +118,11 @@ class Cell:
     n: int
     best: bool = False
 
-    def text(self, digits: int) -> str:
-        if self.n > 1:
-            return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
-        return f"{self.mean:.{digits}f}"
+    def text(self, digits: int | str) -> str:
+        fmt = f".{digits}f" if isinstance(digits, int) else digits
+        if self.n > 1 and self.std > 0:
+            return f"{self.mean:{fmt}} ± {self.std:{fmt}}"
+        return f"{self.mean:{fmt}}"
 
 
 @dataclass
@@ -210,9 +211,9 @@ def build_table(records: Sequence[RunRecord], group_by: Sequence[str] = ("model"
 
 # ----------------------------------------------------------------------------- rendering
 
-def _digits(key: str) -> int:
+def _digits(key: str) -> int | str:
     base = key.split("/")[-1]
-    return {"fid": 2, "is": 2, "kid": 3, "bpd": 3, "nfe": 0, "sec_per_sample": 4,
+    return {"fid": 2, "is": 2, "kid": 3, "bpd": 3, "nfe": 0, "sec_per_sample": ".1e",
             "num_params": 0, "train_steps": 0}.get(base, 3)
 
 

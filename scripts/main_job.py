@@ -3,10 +3,13 @@
     python scripts/main_job.py                      # what `make main` runs (offline, CPU, <= 15 min on 2 cores)
     python scripts/main_job.py --seeds 0 1 2 3 4 --out logs/main/mine
 
-Steps (each a real Hydra multirun of scripts/train.py, so every run is an ordinary run dir):
-  1. seed 0 of every family, with the standard Inception (inception_pool) added to the final
-     evaluation; 2. the other seeds with the classifier extractor only; 3. the seed-0 DDPM
-     checkpoint sampled with DDIM-{10,20,50,100} and 1000-step ancestral sampling (FID vs NFE);
+Steps:
+  1. the classifier extractor is trained and the real-image statistics cached (once);
+  2. one real Hydra multirun of scripts/train.py over families x seeds (two single-threaded jobs
+     side by side), every run an ordinary run dir; the classifier extractor at every evaluation,
+     the standard Inception (inception_pool) added to the final evaluation of the first seed;
+  3. the first seed's DDPM checkpoint sampled with DDIM-{10,20,50,100} and 1000-step ancestral
+     sampling (FID vs NFE);
   4. make_table over all runs (Markdown, LaTeX, CSV) and the plots (PNG + PDF).
 """
 from __future__ import annotations
@@ -104,9 +107,10 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, preset: str = "
     prepare_caches(["classifier", "inception_pool"], extra)
     sweep = [f"experiment={','.join(preset.format(f) for f in families)}"] if "{}" in preset \
         else [f"experiment={preset}", f"model={','.join(families)}"]
-    multirun(out, sweep, seeds[:1], ["evaluation.final_extractors=[inception_pool]", *extra], log, jobs)
-    if len(seeds) > 1:
-        multirun(out, sweep, seeds[1:], extra, log, jobs)
+    # one multirun over every family and seed (the two workers stay busy to the end); the standard
+    # Inception is added to the final evaluation of the first seed only
+    multirun(out, sweep, seeds, ["evaluation.final_extractors=[inception_pool]",
+                                 f"evaluation.final_extractors_seeds=[{seeds[0]}]", *extra], log, jobs)
     records = collect_local([out / "runs"])
     ddpm0 = next((Path(r.source) for r in records if r.ok and r.results["model"] == "ddpm" and r.results["seed"] == seeds[0]), None)
     points = fid_vs_nfe(ddpm0, out, nfe_samples, extra) if ddpm0 else []

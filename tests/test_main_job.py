@@ -67,3 +67,12 @@ def test_main_job_at_smoke_scale(tmp_path, shared_cache):
     for name in ("fid_vs_step", "precision_recall", "fid_vs_nfe", "samples"):
         assert (tmp_path / "plots" / f"{name}.png").is_file() and (tmp_path / "plots" / f"{name}.pdf").is_file()
     assert [p["label"] for p in result["fid_vs_nfe"]][-1] == "ancestral-1000"
+
+
+@pytest.mark.parametrize("seed,expected", [(0, ["inception_pool"]), (1, [])])
+def test_final_extractors_can_be_limited_to_some_seeds(seed, expected):
+    import hydra
+    cfg = compose_train([f"seed={seed}", "evaluation.final_extractors=[inception_pool]",
+                         "evaluation.final_extractors_seeds=[0]"], "/tmp/unused")
+    callback = hydra.utils.instantiate(cfg.callbacks.evaluation)
+    assert callback.final_extractors == expected

@@ -1,0 +1,343 @@
+"""Speed and memory figures you can compare, in one process run (targets live here, not in tests).
+
+    python scripts/benchmark.py                        # CPU, digits-scale presets
+    python scripts/benchmark.py --device cuda --families ddpm --steps 200
+    python scripts/benchmark.py --quick                # fewer repeats (CI-sized)
+
+Measures, side by side:
+  - training throughput (images/s) of each family through genbench (Lightning Trainer, the
+    real module and datamodule) vs a bare PyTorch loop of the same networks, batch, optimizer and
+    loss; median of repeats and the ratio;
+  - evaluation: extractor passes per generated image for the full metric set, FID from features
+    vs scipy.linalg.sqrtm at 2048 dims (time ratio, values), real-image passes of a second
+    evaluation against a cached reference;
+  - sampling: seconds per sample and NFE of DDPM ancestral-1000 vs DDIM-{10,20,50,100};
+  - peak resident memory (CPU) or peak CUDA memory of each phase.
+Writes benchmark.json and benchmark.md into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra import compose, initialize_config_dir
+
+import scripts  # noqa: F401  (resolvers)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- memory
+
+class PeakMemory:
+    """Peak memory of a phase: CUDA allocator peak on GPU, else resident set size sampled every 5 ms."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, 0.0
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self._stop = threading.Event()
+            self.peak_mb = self._rss_mb()
+
+            def sample():
+                while not self._stop.wait(0.005):
+                    self.peak_mb = max(self.peak_mb, self._rss_mb())
+            self._thread = threading.Thread(target=sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2 ** 20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, self._rss_mb())
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- configs
+
+def compose_cfg(overrides: list[str]):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def build(family: str, device: torch.device, batch_size: int):
+    cfg = compose_cfg([f"experiment=digits_{family}", f"datamodule.batch_size={batch_size}", "logger=none"])
+    dm = hydra.utils.instantiate(cfg.datamodule)
+    dm.setup()
+    model = hydra.utils.instantiate(cfg.model).to(device)
+    return cfg, dm, model
+
+
+# ----------------------------------------------------------------------------- training throughput
+
+def bare_step_fn(family: str, model, device):
+    """One optimizer step of the family in plain PyTorch: same nets, losses, optimizers, EMA."""
+    if family == "ddpm":
+        opt = model.optimizer_factory(params=model.net.parameters())
+
+        def step(x):
+            loss = model.diffusion.training_loss(model.net, x * 2 - 1).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            model.ema.update(model.net)
+        return step, 1
+    if family == "gan":
+        from models.gan import discriminator_loss, generator_loss
+        g_opt = model.g_optimizer_factory(params=model.generator.parameters())
+        d_opt = model.d_optimizer_factory(params=model.discriminator.parameters())
+
+        def step(x):
+            real = x * 2 - 1
+            b = real.shape[0]
+            fake = model.generator(torch.randn(b, model.latent_dim, device=device)).detach()
+            d_loss = discriminator_loss(model.loss_kind, model.discriminator(real), model.discriminator(fake))
+            d_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            d_opt.step()
+            g_loss = generator_loss(model.loss_kind, model.discriminator(model.generator(torch.randn(b, model.latent_dim, device=device))))
+            g_opt.zero_grad(set_to_none=True)
+            g_loss.backward()
+            g_opt.step()
+            model.ema.update(model.generator)
+        return step, 2   # two optimizer steps per batch (Lightning's global_step counts both)
+    opt = model.optimizer_factory(params=model.parameters())
+    if family == "vae":
+        def loss_fn(x):
+            rec, kl, _ = model.elbo_terms(x)
+            return (kl - rec).mean() / model.num_dims
+    else:
+        def loss_fn(x):
+            return -model.discrete_log_prob(x).mean()
+
+    def step(x):
+        loss = loss_fn(x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step, 1
+
+
+def bare_throughput(family: str, device, batch_size: int, batches: int) -> float:
+    _, dm, model = build(family, device, batch_size)
+    model.train()
+    step, _ = bare_step_fn(family, model, device)
+    data = []
+    while len(data) < batches + 3:   # cycle the loader: digits has ~10 batches per epoch
+        data += [x.to(device) for x, _ in dm.train_dataloader()]
+    for x in data[:3]:   # warm-up
+        step(x)
+    _sync(device)
+    t0 = time.perf_counter()
+    for x in data[3:3 + batches]:
+        step(x)
+    _sync(device)
+    return batches * batch_size / (time.perf_counter() - t0)
+
+
+class _Timer(pl.Callback):
+    def __init__(self, warmup: int, device):
+        self.warmup, self.device, self.t0, self.images, self.seen = warmup, device, None, 0, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.seen == self.warmup:
+            _sync(self.device)
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seen += 1
+        if self.seen > self.warmup:
+            self.images += batch[0].shape[0]
+
+    def throughput(self) -> float:
+        _sync(self.device)
+        return self.images / (time.perf_counter() - self.t0)
+
+
+def genbench_throughput(family: str, device, batch_size: int, batches: int) -> float:
+    cfg, dm, model = build(family, device, batch_size)
+    steps_per_batch = 2 if family == "gan" else 1   # Lightning's global_step counts both GAN optimizers
+    timer = _Timer(3, device)
+    trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         max_steps=(batches + 3) * steps_per_batch, limit_val_batches=0, num_sanity_val_steps=0,
+                         callbacks=[timer], precision=cfg.trainer.precision)
+    trainer.fit(model, datamodule=dm)
+    return timer.throughput()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def fid_vs_sqrtm(dim: int = 2048, n: int = 4096) -> dict:
+    from scipy import linalg
+    from metrics.feature_metrics import frechet_distance, mean_cov
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(n, dim)) @ (rng.normal(size=(dim, dim)) / np.sqrt(dim))
+    b = a[: n // 2] * 1.1 + 0.05
+    mu1, s1 = mean_cov(torch.from_numpy(a))
+    mu2, s2 = mean_cov(torch.from_numpy(b))
+    t0 = time.perf_counter()
+    ours = float(frechet_distance(mu1, s1, mu2, s2))
+    t_ours = time.perf_counter() - t0
+    m1, m2, c1, c2 = mu1.numpy(), mu2.numpy(), s1.numpy(), s2.numpy()
+    t0 = time.perf_counter()
+    covmean, _ = linalg.sqrtm(c1 @ c2, disp=False)
+    ref = float(((m1 - m2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.trace(covmean.real))
+    t_ref = time.perf_counter() - t0
+    return {"dim": dim, "fid_ours": ours, "fid_scipy_sqrtm": ref, "rel_diff": abs(ours - ref) / abs(ref),
+            "seconds_ours": t_ours, "seconds_sqrtm": t_ref, "speedup": t_ref / t_ours}
+
+
+def evaluation_passes(device, cache_dir: Path) -> dict:
+    """Extractor calls per generated image for the full metric set, and real-image passes of a first
+    and a second (cached) evaluation."""
+    from metrics.evaluation import Evaluator
+    from metrics.features import build_feature_metrics
+    from metrics.reference import REAL_IMAGE_PASSES
+
+    cfg, dm, model = build("gan", device, 128)
+    counts = {"calls": 0, "images": 0}
+    results = {}
+    for attempt in ("first", "second"):
+        before = REAL_IMAGE_PASSES["count"]
+        fm = build_feature_metrics("classifier", dm, str(cache_dir), "train", None, "auto", device)
+        results[f"real_image_passes_{attempt}"] = REAL_IMAGE_PASSES["count"] - before
+    forward = fm.extractor.forward
+
+    def counting(images):
+        counts["calls"] += 1
+        counts["images"] += images.shape[0]
+        return forward(images)
+    fm.extractor.forward = counting
+    ev = Evaluator(num_samples=512, batch_size=128, bpd_num_images=0, grid_size=0)
+    result = ev.evaluate(model, None, {}, [fm])
+    results.update({"generated_images": 512, "extractor_images": counts["images"],
+                    "extractor_passes_per_image": counts["images"] / 512,
+                    "metrics_fed": sorted(k for k in result.metrics if k not in ("nfe", "sec_per_sample"))})
+    return results
+
+
+def sampling_costs(device, num_samples: int) -> list[dict]:
+    _, _, model = build("ddpm", device, 128)
+    model.eval()
+    rows = []
+    for label, kw in [("ancestral-1000", {"name": "ancestral", "steps": None}), ("DDIM-100", {"name": "ddim", "steps": 100, "eta": 0.0}),
+                      ("DDIM-50", {"name": "ddim", "steps": 50, "eta": 0.0}), ("DDIM-20", {"name": "ddim", "steps": 20, "eta": 0.0}),
+                      ("DDIM-10", {"name": "ddim", "steps": 10, "eta": 0.0})]:
+        with PeakMemory(device) as mem:
+            _sync(device)
+            t0 = time.perf_counter()
+            model.sample(num_samples, torch.Generator(device).manual_seed(0), **kw)
+            _sync(device)
+            seconds = time.perf_counter() - t0
+        rows.append({"sampler": label, "nfe": model.sampling_cost(**kw)["nfe"], "sec_per_sample": seconds / num_samples,
+                     "peak_mb": mem.peak_mb})
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+def run_benchmark(families: list[str], device: torch.device, batch_size: int, batches: int, repeats: int,
+                  sample_n: int, cache_dir: Path) -> dict:
+    torch.manual_seed(0)
+    out: dict = {"machine": {"device": str(device), "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
+                             "torch": torch.__version__,
+                             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+                 "settings": {"batch_size": batch_size, "batches": batches, "repeats": repeats}, "training": []}
+    for family in families:
+        bare, ours, peaks = [], [], {}
+        for _ in range(repeats):   # interleaved so drifts hit both sides alike
+            with PeakMemory(device) as m_bare:
+                bare.append(bare_throughput(family, device, batch_size, batches))
+            with PeakMemory(device) as m_ours:
+                ours.append(genbench_throughput(family, device, batch_size, batches))
+            peaks = {"bare_peak_mb": m_bare.peak_mb, "genbench_peak_mb": m_ours.peak_mb}
+        row = {"family": family, "bare_img_s": statistics.median(bare), "genbench_img_s": statistics.median(ours),
+               "ratio": statistics.median(ours) / statistics.median(bare), "bare_all": bare, "genbench_all": ours, **peaks}
+        out["training"].append(row)
+        print(f"train {family}: genbench {row['genbench_img_s']:.0f} img/s, bare {row['bare_img_s']:.0f} img/s, "
+              f"ratio {row['ratio']:.3f}", flush=True)
+    with PeakMemory(device) as mem:
+        out["fid_vs_sqrtm"] = fid_vs_sqrtm()
+    out["fid_vs_sqrtm"]["peak_mb"] = mem.peak_mb
+    with PeakMemory(device) as mem:
+        out["evaluation"] = evaluation_passes(device, cache_dir)
+    out["evaluation"]["peak_mb"] = mem.peak_mb
+    out["sampling"] = sampling_costs(device, sample_n)
+    return out
+
+
+def to_markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [f"Machine: {m['device']} ({m['gpu'] or platform.processor() or 'cpu'}), {m['cpu_threads']} threads, torch {m['torch']}",
+             "", "| family | genbench img/s | bare img/s | ratio | peak MB (genbench / bare) |", "|---|---|---|---|---|"]
+    for t in r["training"]:
+        lines.append(f"| {t['family']} | {t['genbench_img_s']:.0f} | {t['bare_img_s']:.0f} | {t['ratio']:.3f} | "
+                     f"{t['genbench_peak_mb']:.0f} / {t['bare_peak_mb']:.0f} |")
+    f = r["fid_vs_sqrtm"]
+    e = r["evaluation"]
+    lines += ["", f"FID at {f['dim']} dims: {f['seconds_ours']:.2f} s (eigenvalue form) vs {f['seconds_sqrtm']:.2f} s "
+              f"(scipy sqrtm) = {f['speedup']:.1f}x faster, relative difference {f['rel_diff']:.1e}",
+              f"Evaluation: {e['extractor_passes_per_image']:.2f} extractor passes per generated image feed "
+              f"{', '.join(e['metrics_fed'])}; real-image passes: first evaluation {e['real_image_passes_first']}, "
+              f"second (cached) {e['real_image_passes_second']}",
+              "", "| DDPM sampler | NFE | s/sample | peak MB |", "|---|---|---|---|"]
+    for s in r["sampling"]:
+        lines.append(f"| {s['sampler']} | {s['nfe']:.0f} | {s['sec_per_sample']:.4f} | {s['peak_mb']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--families", nargs="+", default=["gan", "vae", "realnvp", "ddpm"])
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batches", type=int, default=40)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sample-n", type=int, default=64)
+    p.add_argument("--quick", action="store_true", help="1 repeat, 10 batches, 16 samples")
+    p.add_argument("--out", type=Path, default=ROOT / "logs" / "benchmark")
+    p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.batches, args.sample_n = 1, 10, 16
+    result = run_benchmark(args.families, torch.device(args.device), args.batch_size, args.batches, args.repeats,
+                           args.sample_n, args.cache_dir)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmark.json").write_text(json.dumps(result, indent=2))
+    md = to_markdown(result)
+    (args.out / "benchmark.md").write_text(md)
+    print(md)
+    print(f"written: {args.out / 'benchmark.json'}, {args.out / 'benchmark.md'}")
+
+
+if __name__ == "__main__":
+    main()
