@@ -77,7 +77,7 @@ def run_summary(cfg: DictConfig, model, trainer: pl.Trainer | None, evaluation: 
         metrics.update(final.metrics)
     return {
         "model": getattr(model, "family", type(model).__name__.lower()) if model is not None else cfg.model.get("_target_"),
-        "dataset": cfg.datamodule.name,
+        "dataset": cfg.datamodule.get("name"),
         "seed": int(cfg.seed),
         "num_params": int(model.num_params) if model is not None else None,
         "train_steps": int(trainer.global_step) if trainer is not None else 0,
@@ -89,40 +89,49 @@ def run_summary(cfg: DictConfig, model, trainer: pl.Trainer | None, evaluation: 
         "details": final.details if final is not None else {},
         "tags": list(cfg.get("tags") or []),
         "task_name": cfg.get("task_name"),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": _container(cfg),
     }
+
+
+def _container(cfg: DictConfig) -> dict:
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an unresolvable config is itself the failure being recorded
+        return OmegaConf.to_container(cfg, resolve=False)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Build everything from ``cfg``, fit, evaluate, write results.json; return the metrics.
 
-    On failure the run directory still gets a results.json with status "failed" and the error,
-    so sweeps and the table script can list the run; then the exception propagates.
+    On failure (bad config, bad data, NaN loss, ...) the run directory still gets a results.json
+    with status "failed" and the error, so sweeps and the table script list the run; an earlier
+    successful results.json in the same directory is kept as results.previous.json. Then the
+    exception propagates.
     """
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("num_threads"):
-        torch.set_num_threads(int(cfg.num_threads))
-    pl.seed_everything(cfg.seed, workers=True)
-
-    # Everything that can fail on bad config is built before any training work starts.
-    datamodule = hydra.utils.instantiate(cfg.datamodule)
-    model = hydra.utils.instantiate(cfg.model)
-    model.run_config = OmegaConf.to_container(cfg, resolve=True)
-    callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = instantiate_group(cfg.get("logger"))
-    if not loggers:  # logger=none: the LR monitor has nowhere to write and Lightning refuses it
-        callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
-    evaluation = next((cb for cb in callbacks if isinstance(cb, EvaluationCallback)), None)
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
-
-    for logger in loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-
-    start = time.perf_counter()
+    model = trainer = evaluation = None
+    loggers: list = []
     summary: dict[str, Any] = {}
+    start = time.perf_counter()
     try:
+        if cfg.get("num_threads"):
+            torch.set_num_threads(int(cfg.num_threads))
+        pl.seed_everything(cfg.seed, workers=True)
+        # Everything that can fail on bad config is built before any training work starts.
+        datamodule = hydra.utils.instantiate(cfg.datamodule)
+        model = hydra.utils.instantiate(cfg.model)
+        model.run_config = OmegaConf.to_container(cfg, resolve=True)
+        callbacks = instantiate_group(cfg.get("callbacks"))
+        loggers = instantiate_group(cfg.get("logger"))
+        if not loggers:  # logger=none: the LR monitor has nowhere to write and Lightning refuses it
+            callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
+        evaluation = next((cb for cb in callbacks if isinstance(cb, EvaluationCallback)), None)
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+        for logger in loggers:
+            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         summary = run_summary(cfg, model, trainer, evaluation)
         summary["status"] = "ok"
@@ -136,8 +145,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         eval_seconds = evaluation.eval_seconds if evaluation is not None else 0.0
         summary["timing"] = {"wall_seconds": wall, "eval_seconds": eval_seconds,
                              "train_seconds": wall - eval_seconds}
-        if trainer.is_global_zero:
-            write_json(output_dir / RESULTS_FILE, summary)
+        if trainer is None or trainer.is_global_zero:
+            results = output_dir / RESULTS_FILE
+            if summary.get("status") != "ok" and results.is_file():
+                results.replace(output_dir / "results.previous.json")  # never lose a finished result
+            write_json(results, summary)
             for logger in loggers:  # the W&B summary carries the results.json keys (make_table reads them)
                 if isinstance(logger, pl.loggers.WandbLogger):
                     logger.experiment.summary.update({k: v for k, v in summary.items() if k not in ("config", "traceback")})

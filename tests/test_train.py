@@ -110,3 +110,31 @@ def test_corrupt_checkpoint_is_refused_with_the_fix(tmp_path, smoke_overrides):
     cfg = compose_train(smoke_overrides, tmp_path)
     with pytest.raises(CheckpointError, match="corrupt.*ckpt_path=null"):
         train(cfg)
+
+
+def test_a_failing_job_does_not_stop_the_multirun_and_is_listed(tmp_path, shared_cache):
+    """Job 0 fails before training (GAN at 12x12), job 1 still runs; both leave results.json and
+    make_table lists the failure."""
+    from metrics.report import build_table, collect_local
+
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.run([sys.executable, "scripts/train.py", "-m", "experiment=smoke", "model=gan",
+                           "datamodule.image_size=12,8", "logger=csv", "callbacks.progress_bar=null",
+                           "evaluation.final_extractors=[]", f"paths.cache_dir={shared_cache}",
+                           f"hydra.sweep.dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0  # Hydra reports the failed job after running the others
+    failed = json.loads((tmp_path / "0" / "results.json").read_text())
+    assert failed["status"] == "failed" and "must be one of" in failed["error"]
+    ok = json.loads((tmp_path / "1" / "results.json").read_text())
+    assert ok["status"] == "ok" and ok["train_steps"] == 30
+    table = build_table(collect_local([tmp_path]))
+    assert len(table.rows) == 1 and len(table.failed) == 1 and "must be one of" in table.failed[0].problem
+
+
+def test_a_failed_rerun_keeps_the_previous_results(tmp_path, smoke_overrides):
+    (tmp_path / "results.json").write_text(json.dumps({"status": "ok", "metrics": {"fid": 1.0}}))
+    cfg = compose_train(smoke_overrides + ["datamodule.image_size=9"], tmp_path)
+    with pytest.raises(Exception):
+        train(cfg)
+    assert json.loads((tmp_path / "results.previous.json").read_text())["metrics"] == {"fid": 1.0}
+    assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"

@@ -2,18 +2,9 @@
 factors of 2, so image_size must be a power of two between 8 and 64)."""
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
 
-VAE_SIZES = (8, 16, 32, 64)
-
-
-def check_vae_size(image_size: int) -> int:
-    if image_size not in VAE_SIZES:
-        raise ValueError(f"the VAE encoder/decoder halve the image down to 4x4, so image_size must be one of "
-                         f"{list(VAE_SIZES)}; got {image_size}")
-    return int(math.log2(image_size)) - 2
+from models.components.sizing import doubling_stages
 
 
 class ConvEncoder(nn.Module):
@@ -21,7 +12,7 @@ class ConvEncoder(nn.Module):
 
     def __init__(self, channels: int, image_size: int, latent_dim: int = 32, base_channels: int = 32):
         super().__init__()
-        stages = check_vae_size(image_size)
+        stages = doubling_stages(image_size, "the VAE encoder/decoder go")
         widths = [base_channels * 2 ** i for i in range(stages + 1)]
         layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 3, 1, 1), nn.SiLU()]
         for w_in, w_out in zip(widths[:-1], widths[1:]):
@@ -40,7 +31,7 @@ class ConvDecoder(nn.Module):
     def __init__(self, channels: int, image_size: int, latent_dim: int = 32, base_channels: int = 32,
                  params_per_pixel: int = 2):
         super().__init__()
-        stages = check_vae_size(image_size)
+        stages = doubling_stages(image_size, "the VAE encoder/decoder go")
         widths = [base_channels * 2 ** i for i in reversed(range(stages + 1))]
         self.fc = nn.Sequential(nn.Linear(latent_dim, widths[0] * 16), nn.SiLU())
         layers: list[nn.Module] = []

@@ -9,21 +9,11 @@ Generators map z (B, latent_dim) -> images (B, C, H, W) in [-1, 1]; discriminato
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-DCGAN_SIZES = (8, 16, 32, 64)
-
-
-def check_dcgan_size(image_size: int) -> int:
-    """Number of stride-2 stages between 4x4 and the image."""
-    if image_size not in DCGAN_SIZES:
-        raise ValueError(f"the DCGAN generator/discriminator double from 4x4, so image_size must be one of "
-                         f"{list(DCGAN_SIZES)}; got {image_size}. Set datamodule.image_size accordingly")
-    return int(math.log2(image_size)) - 2
+from models.components.sizing import doubling_stages
 
 
 def _sn(module: nn.Module, enabled: bool) -> nn.Module:
@@ -33,7 +23,7 @@ def _sn(module: nn.Module, enabled: bool) -> nn.Module:
 class DCGANGenerator(nn.Module):
     def __init__(self, channels: int, image_size: int, latent_dim: int = 100, base_channels: int = 64):
         super().__init__()
-        stages = check_dcgan_size(image_size)
+        stages = doubling_stages(image_size, "the DCGAN generator/discriminator go")
         self.latent_dim = latent_dim
         widths = [base_channels * 2 ** (stages - 1 - i) for i in range(stages)]      # e.g. 256, 128, 64
         layers: list[nn.Module] = [nn.ConvTranspose2d(latent_dim, widths[0], 4, 1, 0, bias=False),
@@ -51,7 +41,7 @@ class DCGANGenerator(nn.Module):
 class DCGANDiscriminator(nn.Module):
     def __init__(self, channels: int, image_size: int, base_channels: int = 64, spectral: bool = False):
         super().__init__()
-        stages = check_dcgan_size(image_size)
+        stages = doubling_stages(image_size, "the DCGAN generator/discriminator go")
         widths = [base_channels * 2 ** i for i in range(stages)]                      # e.g. 64, 128, 256
         layers: list[nn.Module] = [_sn(nn.Conv2d(channels, widths[0], 4, 2, 1), spectral), nn.LeakyReLU(0.2, True)]
         for w_in, w_out in zip(widths[:-1], widths[1:]):
