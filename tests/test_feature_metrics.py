@@ -13,7 +13,7 @@ def scipy_fid(x: np.ndarray, y: np.ndarray) -> float:
     """The pytorch-fid / TTUR formula: scipy.linalg.sqrtm of the covariance product."""
     mu1, mu2 = x.mean(0), y.mean(0)
     s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
-    covmean, _ = linalg.sqrtm(s1.dot(s2), disp=False)
+    covmean = linalg.sqrtm(s1.dot(s2))
     covmean = covmean.real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 

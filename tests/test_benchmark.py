@@ -1,0 +1,18 @@
+"""scripts/benchmark.py runs and writes comparable figures (no timing assertions: targets live in
+the benchmark output, not in tests)."""
+import json
+
+from scripts.benchmark import main
+
+
+def test_benchmark_writes_json_and_markdown(tmp_path, shared_cache):
+    main(["--quick", "--families", "gan", "--fid-dim", "128", "--sample-n", "4", "--out", str(tmp_path),
+          "--cache-dir", str(shared_cache)])
+    result = json.loads((tmp_path / "benchmark.json").read_text())
+    (row,) = result["training"]
+    assert row["family"] == "gan" and row["genbench_img_s"] > 0 and row["bare_img_s"] > 0
+    assert result["fid_vs_sqrtm"]["rel_diff"] < 1e-6
+    assert result["evaluation"]["extractor_passes_per_image"] == 1.0
+    assert result["evaluation"]["real_image_passes_second"] == 0
+    assert [s["nfe"] for s in result["sampling"]] == [1000, 100, 50, 20, 10]
+    assert "| gan |" in (tmp_path / "benchmark.md").read_text()
