@@ -67,7 +67,10 @@ class FeatureMetrics:
     @torch.no_grad()
     def update_generated(self, images: Tensor, indices: Sequence[int]) -> None:
         """images: uint8 (B, C, H, W). One extractor call feeds all metrics."""
-        out = self.extractor(images)
+        self.update_features(self.extractor(images), indices)
+
+    def update_features(self, out: dict[str, Tensor | None], indices: Sequence[int]) -> None:
+        """Feed already extracted {"pool", "logits"} features of generated images to every metric."""
         pool, logits = out["pool"], out["logits"]
         idx = torch.as_tensor(list(indices), device=pool.device)
         if self.fid is not None:

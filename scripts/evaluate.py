@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- (a) checkpoints
 
 def load_checkpoint_run(ckpt_path: str | Path, device: str = "cpu"):
-    """(model, datamodule, run_config) rebuilt from a checkpoint's stored config and weights."""
+    """(model, datamodule, run_config, global_step) rebuilt from a checkpoint's stored config and weights."""
     path = check_checkpoint(Path(ckpt_path))
     ckpt = torch.load(path, map_location="cpu", weights_only=False)
     run_config = ckpt.get("genbench_config")
@@ -49,7 +49,7 @@ def load_checkpoint_run(ckpt_path: str | Path, device: str = "cpu"):
     model = hydra.utils.instantiate(cfg.model)
     model.load_state_dict(ckpt["state_dict"])
     model.run_config = run_config
-    return model.to(device).eval(), datamodule, cfg
+    return model.to(device).eval(), datamodule, cfg, int(ckpt.get("global_step", 0))
 
 
 def _evaluate_checkpoint_worker(rank: int, world: int, port: int, cfg: DictConfig, out: dict | None) -> dict:
@@ -58,7 +58,7 @@ def _evaluate_checkpoint_worker(rank: int, world: int, port: int, cfg: DictConfi
         torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
         torch.set_num_threads(max(1, torch.get_num_threads() // world))
     try:
-        model, datamodule, run_cfg = load_checkpoint_run(cfg.ckpt_path, cfg.device)
+        model, datamodule, run_cfg, step = load_checkpoint_run(cfg.ckpt_path, cfg.device)
         ev = cfg.evaluation
         evaluator = Evaluator(ev.num_samples, ev.batch_size, ev.bpd_num_images, ev.grid_size, ev.seed)
         names = ([ev.extractor] if ev.extractor else []) + [e for e in ev.final_extractors if e != ev.extractor]
@@ -69,8 +69,7 @@ def _evaluate_checkpoint_worker(rank: int, world: int, port: int, cfg: DictConfi
         result = evaluator.evaluate(model, datamodule.split("test"), sampler, feature_sets)
         summary = {
             "model": model.family, "dataset": datamodule.name, "seed": int(run_cfg.seed),
-            "num_params": model.num_params, "train_steps": int(torch.load(cfg.ckpt_path, map_location="cpu",
-                                                                          weights_only=False).get("global_step", 0)),
+            "num_params": model.num_params, "train_steps": step,
             "feature_extractor": result.feature_extractor, "num_samples": result.num_samples,
             "sampler": result.sampler, "likelihood_kind": model.likelihood_kind, "metrics": result.metrics,
             "details": result.details, "checkpoint": str(cfg.ckpt_path), "world_size": world, "status": "ok",
@@ -160,17 +159,9 @@ def evaluate_sample_sets(cfg: DictConfig) -> dict[str, Any]:
                          "compare like with like")
     metrics = FeatureMetrics(extractor, reference, ev.metrics, seed=ev.seed, k=ev.prdc_k).to(device)
     gen = features_of(extractor, samples, ev.batch_size, device)
-    idx = torch.arange(samples.shape[0])
-    # reuse the features: feed the metrics without a second extractor pass
     metrics.reset_generated()
-    if metrics.fid is not None:
-        metrics.fid.update(gen["pool"])
-    if metrics.inception_score is not None:
-        metrics.inception_score.update(gen["logits"], idx)
-    if metrics.kid is not None:
-        metrics.kid.update(gen["pool"], idx)
-    if metrics.prdc is not None:
-        metrics.prdc.update(gen["pool"], idx)
+    metrics.update_features({k: v.to(device) if v is not None else None for k, v in gen.items()},
+                            range(samples.shape[0]))   # the features above, not a second pass
     values, details = metrics.compute(samples.shape[0])
     summary = {"model": None, "dataset": str(ref_source), "seed": int(ev.seed), "num_params": None, "train_steps": None,
                "feature_extractor": name, "num_samples": int(samples.shape[0]), "sampler": None,
