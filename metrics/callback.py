@@ -10,7 +10,9 @@ import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
 from metrics.evaluation import EvaluationResult, Evaluator, save_png
-from metrics.results import append_jsonl
+from metrics.results import append_jsonl, write_json
+
+FINAL_FILE = "eval_final.json"
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,21 @@ class EvaluationCallback(pl.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.eval_seconds = state_dict.get("eval_seconds", 0.0)
         self._last_step = state_dict.get("last_step", -1)
+
+    @staticmethod
+    def result_record(result: EvaluationResult) -> dict[str, Any]:
+        return {"num_samples": result.num_samples, "feature_extractor": result.feature_extractor,
+                "sampler": result.sampler, "metrics": result.metrics, "details": result.details}
+
+    def final_record(self) -> dict[str, Any] | None:
+        """The final evaluation: in memory, or from the file rank 0 wrote (spawned training processes)."""
+        if self.final is not None:
+            return {"step": self._last_step, **self.result_record(self.final)}
+        path = self.output_dir / FINAL_FILE
+        if path.is_file():
+            import json
+            return json.loads(path.read_text())
+        return None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         step = pl_module.global_step
@@ -106,6 +123,8 @@ class EvaluationCallback(pl.Callback):
                 if isinstance(logger, WandbLogger):
                     logger.log_image("eval/samples", [result.grid.numpy()], step=step,
                                      caption=[f"step {step}, {result.sampler}"])
+        if final:  # read back by train() when training ran in spawned processes (ddp_spawn)
+            write_json(self.output_dir / FINAL_FILE, {"step": step, **self.result_record(result)})
         append_jsonl(self.output_dir / "eval_history.jsonl",
                      {"step": step, "final": final, "num_samples": result.num_samples,
                       "feature_extractor": result.feature_extractor, "sampler": result.sampler,

@@ -67,26 +67,28 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
 
 def run_summary(cfg: DictConfig, model, trainer: pl.Trainer | None, evaluation: EvaluationCallback | None) -> dict:
     """The results.json contract (see metrics/results.py SCHEMA_KEYS)."""
-    final = evaluation.final if evaluation is not None else None
+    final = evaluation.final_record() if evaluation is not None else None
     metrics: dict[str, float] = {}
     if trainer is not None:
         for key in ("train/loss", "val/loss"):
             if key in trainer.callback_metrics:
                 metrics[key.replace("/", "_")] = float(trainer.callback_metrics[key])
     if final is not None:
-        metrics.update(final.metrics)
+        metrics.update(final["metrics"])
+    steps = int(trainer.global_step) if trainer is not None else 0
     return {
         "model": getattr(model, "family", type(model).__name__.lower()) if model is not None else cfg.model.get("_target_"),
         "dataset": cfg.datamodule.get("name"),
         "seed": int(cfg.seed),
         "num_params": int(model.num_params) if model is not None else None,
-        "train_steps": int(trainer.global_step) if trainer is not None else 0,
-        "feature_extractor": final.feature_extractor if final is not None else None,
-        "num_samples": final.num_samples if final is not None else None,
-        "sampler": final.sampler if final is not None else None,
+        # with ddp_spawn the parent's trainer never stepped: the final evaluation knows the step
+        "train_steps": max(steps, int(final["step"])) if final is not None else steps,
+        "feature_extractor": final["feature_extractor"] if final is not None else None,
+        "num_samples": final["num_samples"] if final is not None else None,
+        "sampler": final["sampler"] if final is not None else None,
         "likelihood_kind": getattr(model, "likelihood_kind", None),
         "metrics": metrics,
-        "details": final.details if final is not None else {},
+        "details": final["details"] if final is not None else {},
         "tags": list(cfg.get("tags") or []),
         "task_name": cfg.get("task_name"),
         "config": _container(cfg),
@@ -131,6 +133,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        from metrics.callback import FINAL_FILE
+        (output_dir / FINAL_FILE).unlink(missing_ok=True)  # only this run's final evaluation may be read back
         start = time.perf_counter()
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         summary = run_summary(cfg, model, trainer, evaluation)
