@@ -8,22 +8,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.datasets import get_entry, load_split
-
-
-class RandomHorizontalFlip(Dataset):
-    """Wraps a dataset; flips each image left-right with probability 1/2 (CIFAR/CelebA training)."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        image, label = self.dataset[index]
-        if torch.rand(()) < 0.5:
-            image = image.flip(-1)
-        return image, label
+from datamodules.sampler import FlipByIndex, ResumableShuffleSampler
 
 
 class ImageDataModule(pl.LightningDataModule):
@@ -38,6 +23,8 @@ class ImageDataModule(pl.LightningDataModule):
         batch_size: the GLOBAL batch size; each of the world_size processes loads
             batch_size // world_size images per step.
         random_flip: horizontal flips of training images.
+        seed: seed of the training order and flips (the run seed); the order is a pure function
+            of (seed, epoch, batch), so a resumed run sees the batches an uninterrupted one sees.
         download: allow torchvision to download a missing dataset.
         options: extra keyword arguments of the registry loader (e.g. val_size).
     """
@@ -45,7 +32,7 @@ class ImageDataModule(pl.LightningDataModule):
     def __init__(self, name: str = "digits", data_dir: str = "data", image_size: int = 8,
                  channels: int = 1, num_classes: int = 10, batch_size: int = 64,
                  num_workers: int = 0, random_flip: bool = False, download: bool = False,
-                 pin_memory: bool = False, options: dict[str, Any] | None = None):
+                 pin_memory: bool = False, seed: int = 0, options: dict[str, Any] | None = None):
         super().__init__()
         entry = get_entry(name)  # unknown names fail here, before anything is loaded
         if entry.info.channels and name != "image_folder" and channels != entry.info.channels:
@@ -57,6 +44,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.channels, self.num_classes = int(channels), int(num_classes)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.random_flip, self.download, self.pin_memory = random_flip, download, pin_memory
+        self.seed = int(seed)
         self.options = dict(options or {})
         self.batch_size_per_device = self.batch_size
         self._splits: dict[str, Dataset] = {}
@@ -90,19 +78,34 @@ class ImageDataModule(pl.LightningDataModule):
             self._splits[split] = ds
         return self._splits[split]
 
-    def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool = False) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size_per_device, shuffle=shuffle,
-                          drop_last=drop_last, num_workers=self.num_workers,
+    def _loader(self, dataset: Dataset, sampler=None) -> DataLoader:
+        # A private generator: creating an iterator must not draw from the global RNG, whose
+        # state a checkpoint restores (exact resume).
+        return DataLoader(dataset, batch_size=self.batch_size_per_device, sampler=sampler,
+                          num_workers=self.num_workers, generator=torch.Generator(),
                           pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
 
+    def _batches_done_in_epoch(self) -> int:
+        """Batches of the current epoch already trained on: 0, except when Lightning resumes a
+        checkpoint taken mid-epoch (its restored progress counter says where to go on)."""
+        trainer = self.trainer
+        if trainer is None or not hasattr(trainer, "fit_loop"):
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+    def train_sampler(self) -> ResumableShuffleSampler:
+        trainer = self.trainer
+        world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+        rank = getattr(trainer, "global_rank", 0) if trainer is not None else 0
+        return ResumableShuffleSampler(self.split("train"), self.batch_size_per_device * world, seed=self.seed,
+                                       num_replicas=world, rank=rank, random_flip=self.random_flip,
+                                       batches_done=self._batches_done_in_epoch)
+
     def train_dataloader(self) -> DataLoader:
-        ds = self.split("train")
-        if self.random_flip:
-            ds = RandomHorizontalFlip(ds)
-        return self._loader(ds, shuffle=True, drop_last=len(ds) >= self.batch_size_per_device)
+        return self._loader(FlipByIndex(self.split("train")), sampler=self.train_sampler())
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.split("val"), shuffle=False)
+        return self._loader(self.split("val"))
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.split("test"), shuffle=False)
+        return self._loader(self.split("test"))

@@ -11,6 +11,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from metrics.evaluation import EvaluationResult, Evaluator, save_png
 from metrics.results import append_jsonl, write_json
+from models.rng import isolated_rng
 
 FINAL_FILE = "eval_final.json"
 
@@ -103,7 +104,9 @@ class EvaluationCallback(pl.Callback):
         # bits/dim (the DDPM bound costs T network calls per image) at the end only, unless asked
         test_set = datamodule.split("test") if datamodule is not None and (final or self.bpd_during_training) else None
         feature_sets = self.feature_sets(datamodule, pl_module.device, final) if datamodule is not None else []
-        result = self.evaluator.evaluate(pl_module, test_set, self.final_sampler if final else self.sampler, feature_sets)
+        with isolated_rng():  # evaluation never shifts the training noise stream (exact resume)
+            result = self.evaluator.evaluate(pl_module, test_set, self.final_sampler if final else self.sampler,
+                                             feature_sets)
         self.eval_seconds += time.perf_counter() - t0
         self._last_step = step
         if trainer.is_global_zero:

@@ -11,7 +11,10 @@ from typing import Any, Callable, Literal, Sequence
 
 import pytorch_lightning as pl
 import torch
+import torch.distributed as dist
 from torch import Tensor
+
+from models.rng import rng_states, set_rng_states
 
 LikelihoodKind = Literal["exact", "elbo"] | None
 
@@ -95,6 +98,9 @@ class GenerativeModule(pl.LightningModule):
     likelihood_kind: LikelihoodKind = None
     #: the sampler keyword arguments a run evaluates with unless told otherwise
     default_sampler: dict[str, Any] = {}
+    #: some backward passes leave parameters without gradients (a GAN's D step never reaches G):
+    #: DDP must then look for unused parameters (train() picks the matching strategy)
+    ddp_find_unused_parameters: bool = False
 
     def __init__(self, image_shape: Sequence[int]):
         super().__init__()
@@ -156,8 +162,41 @@ class GenerativeModule(pl.LightningModule):
                 "training stopped. The last good checkpoint is kept in the run's checkpoints/ folder; "
                 "lower the learning rate or enable gradient clipping, then resume with ckpt_path=last.")
 
+    # ---------------------------------------------------------------- exact resume
+    #: seed of the validation noise: the same t/noise at every validation, and none of it
+    #: drawn from the training stream (so the training stream does not depend on val frequency)
+    validation_seed: int = 2**31 - 1
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["genbench_config"] = self.run_config
+        # every process's training noise stream, so that a resumed run draws what it would have
+        states = rng_states()
+        if dist.is_available() and dist.is_initialized():
+            gathered: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, states)
+            states_per_rank = gathered
+        else:
+            states_per_rank = [states]
+        checkpoint["rng_states_per_rank"] = states_per_rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.run_config = checkpoint.get("genbench_config", self.run_config)
+        self._rng_to_restore = checkpoint.get("rng_states_per_rank")
+
+    def on_train_start(self) -> None:
+        # Restored here, after sanity checks and data setup, right before the first step.
+        saved = getattr(self, "_rng_to_restore", None)
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        if saved is not None and len(saved) == world:
+            set_rng_states(saved[rank])
+        elif world > 1:
+            # seed_everything gave every process the same stream: decorrelate their noise
+            torch.manual_seed(torch.initial_seed() + 1_000_003 * rank)
+        self._rng_to_restore = None
+
+    def on_validation_epoch_start(self) -> None:
+        self._rng_outside_validation = rng_states()
+        torch.manual_seed(self.validation_seed + self.global_rank)
+
+    def on_validation_epoch_end(self) -> None:
+        set_rng_states(self._rng_outside_validation)

@@ -49,7 +49,9 @@ class DDPM(GenerativeModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # right after the step, so a checkpoint taken at this step's end holds this update
         self.ema.update(self.net)
 
     def validation_step(self, batch, batch_idx: int) -> None:

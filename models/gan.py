@@ -40,9 +40,9 @@ class GAN(GenerativeModule):
     Note: Lightning's ``global_step`` counts every optimizer step, so one G step with n_critic D
     steps advances it by n_critic + 1; ``trainer.max_steps`` is in those units.
     """
-
     family = "gan"
     likelihood_kind = None
+    ddp_find_unused_parameters = True  # the D step's backward never reaches G
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, g_optimizer: Callable, d_optimizer: Callable,
                  image_shape: Sequence[int], loss: str = "nonsaturating", n_critic: int = 1,

@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 
 import scripts  # noqa: F401  (registers the config resolvers)
+from scripts import ddp_launch
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -63,6 +65,17 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     if ckpt_path == "last":
         return str(check_checkpoint(last))
     return str(check_checkpoint(Path(ckpt_path)))
+
+
+DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork")
+
+
+def ddp_strategy_for(model, strategy: Any) -> Any:
+    """``ddp[_spawn|_fork]`` with unused-parameter detection for families that need it (GAN)
+    and without it (its graph walk costs every step) for the others."""
+    if isinstance(strategy, str) and strategy in DDP_STRATEGIES and getattr(model, "ddp_find_unused_parameters", False):
+        return f"{strategy}_find_unused_parameters_true"
+    return strategy
 
 
 def run_summary(cfg: DictConfig, model, trainer: pl.Trainer | None, evaluation: EvaluationCallback | None) -> dict:
@@ -129,14 +142,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if not loggers:  # logger=none: the LR monitor has nowhere to write and Lightning refuses it
             callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
         evaluation = next((cb for cb in callbacks if isinstance(cb, EvaluationCallback)), None)
-        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+        if HydraConfig.initialized():
+            ddp_launch.install()  # DDP children re-run this job, not the sweep (scripts/ddp_launch.py)
+        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                          strategy=ddp_strategy_for(model, cfg.trainer.get("strategy", "auto")))
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         for logger in loggers:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         from metrics.callback import FINAL_FILE
         (output_dir / FINAL_FILE).unlink(missing_ok=True)  # only this run's final evaluation may be read back
         start = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        with ddp_launch.job_environment():
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         summary = run_summary(cfg, model, trainer, evaluation)
         summary["status"] = "ok"
     except BaseException as err:
@@ -154,11 +171,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
             if summary.get("status") != "ok" and results.is_file():
                 results.replace(output_dir / "results.previous.json")  # never lose a finished result
             write_json(results, summary)
+            log.info("results written to %s", results)
             for logger in loggers:  # the W&B summary carries the results.json keys (make_table reads them)
                 if isinstance(logger, pl.loggers.WandbLogger):
                     logger.experiment.summary.update({k: v for k, v in summary.items() if k not in ("config", "traceback")})
         _finish_wandb()
-    log.info("results written to %s", output_dir / RESULTS_FILE)
     return summary["metrics"]
 
 

@@ -140,13 +140,42 @@ def test_a_failed_rerun_keeps_the_previous_results(tmp_path, smoke_overrides):
     assert json.loads((tmp_path / "results.json").read_text())["status"] == "failed"
 
 
-# RealNVP under ddp_cpu still fails (open in issue 6); the other three families are covered.
-@pytest.mark.parametrize("model", ["gan", "vae", "ddpm"])
-def test_ddp_cpu_training_of_each_family_reports_its_evaluation(model, tmp_path, smoke_overrides):
-    """trainer=ddp_cpu (2 gloo processes, ddp_spawn): the final evaluation made in the spawned
-    processes reaches results.json."""
-    cfg = compose_train(smoke_overrides + [f"model={model}", "trainer=ddp_cpu"], tmp_path)
-    train(cfg)
-    results = json.loads((tmp_path / "results.json").read_text())
-    assert results["status"] == "ok" and results["train_steps"] == 30
-    assert {"fid", "precision", "recall", "nfe"} <= set(results["metrics"])
+def _multirun(tmp_path, shared_cache, *overrides: str) -> subprocess.CompletedProcess:
+    # GENBENCH_ROOT: a process that ignored the job directory would write under <root>/logs
+    env = {**os.environ, "WANDB_MODE": "offline", "GENBENCH_ROOT": str(tmp_path / "root")}
+    return subprocess.run([sys.executable, "scripts/train.py", "-m", "experiment=smoke", "logger=csv",
+                           "callbacks.progress_bar=null", "evaluation.final_extractors=[]",
+                           f"paths.cache_dir={shared_cache}", f"hydra.sweep.dir={tmp_path / 'sweep'}", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+
+
+def _job_results(sweep: Path, jobs: int) -> list[dict]:
+    """One run directory per job (not per process), each with a finished results.json."""
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == [str(i) for i in range(jobs)]
+    assert all(not p.name.startswith("sweep") for p in sweep.parent.iterdir() if p != sweep)
+    results = [json.loads((sweep / str(i) / "results.json").read_text()) for i in range(jobs)]
+    for r in results:
+        assert r["status"] == "ok" and r["train_steps"] == 30, r.get("error")
+        assert {"fid", "precision", "recall", "nfe"} <= set(r["metrics"])
+        assert all(math.isfinite(v) for v in r["metrics"].values())
+    return results
+
+
+def test_ddp_cpu_training_of_every_family_under_a_multirun(tmp_path, shared_cache):
+    """trainer=ddp_cpu (2 gloo processes, forked): each family trains, the final evaluation made
+    in the worker processes reaches its job's results.json."""
+    proc = _multirun(tmp_path, shared_cache, "trainer=ddp_cpu", "model=gan,vae,realnvp,ddpm")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = _job_results(tmp_path / "sweep", 4)
+    assert [r["model"] for r in results] == ["gan", "vae", "realnvp", "ddpm"]
+
+
+def test_ddp_relaunching_the_script_under_a_multirun_keeps_one_directory_per_job(tmp_path, shared_cache):
+    """strategy=ddp re-runs the script for rank 1 (as on a GPU node): the child must run its job,
+    not the sweep, and write into its job's directory; the second job must launch its own ranks."""
+    proc = _multirun(tmp_path, shared_cache, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+                     "model=ddpm,gan")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = _job_results(tmp_path / "sweep", 2)
+    assert [r["model"] for r in results] == ["ddpm", "gan"]
+    assert not (tmp_path / "root" / "logs").exists()

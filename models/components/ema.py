@@ -24,9 +24,17 @@ class EMA(nn.Module):
         self.decay, self.warmup = float(decay), bool(warmup)
         self.shadow = copy.deepcopy(net).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        # a host-side copy of num_updates: reading the buffer every step would sync with the GPU
+        self._host_updates: int | None = 0
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_updates = None  # re-read from the loaded buffer on the next update
 
     def current_decay(self) -> float:
-        n = int(self.num_updates)
+        if self._host_updates is None:  # after loading a checkpoint: read the buffer once
+            self._host_updates = int(self.num_updates)
+        n = self._host_updates
         return min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
@@ -41,6 +49,7 @@ class EMA(nn.Module):
         for b_ema, b in zip(self.shadow.buffers(), net.buffers()):
             b_ema.copy_(b)
         self.num_updates += 1
+        self._host_updates += 1  # current_decay() above has set it
 
     def forward(self, *args, **kwargs):
         return self.shadow(*args, **kwargs)
