@@ -7,7 +7,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.datasets import get_entry, load_split
+from datamodules.datasets import TensorImageDataset, get_entry, load_split
+from datamodules.in_memory import InMemoryLoader
 from datamodules.sampler import FlipByIndex, ResumableShuffleSampler
 
 
@@ -26,13 +27,16 @@ class ImageDataModule(pl.LightningDataModule):
         seed: seed of the training order and flips (the run seed); the order is a pure function
             of (seed, epoch, batch), so a resumed run sees the batches an uninterrupted one sees.
         download: allow torchvision to download a missing dataset.
+        in_memory: serve training batches from one tensor on the training device instead of a
+            DataLoader (datasets held in memory: digits, MNIST, CIFAR-10); same batches.
         options: extra keyword arguments of the registry loader (e.g. val_size).
     """
 
     def __init__(self, name: str = "digits", data_dir: str = "data", image_size: int = 8,
                  channels: int = 1, num_classes: int = 10, batch_size: int = 64,
                  num_workers: int = 0, random_flip: bool = False, download: bool = False,
-                 pin_memory: bool = False, seed: int = 0, options: dict[str, Any] | None = None):
+                 pin_memory: bool = False, seed: int = 0, in_memory: bool = False,
+                 options: dict[str, Any] | None = None):
         super().__init__()
         entry = get_entry(name)  # unknown names fail here, before anything is loaded
         if entry.info.channels and name != "image_folder" and channels != entry.info.channels:
@@ -44,7 +48,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.channels, self.num_classes = int(channels), int(num_classes)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.random_flip, self.download, self.pin_memory = random_flip, download, pin_memory
-        self.seed = int(seed)
+        self.seed, self.in_memory = int(seed), bool(in_memory)
         self.options = dict(options or {})
         self.batch_size_per_device = self.batch_size
         self._splits: dict[str, Dataset] = {}
@@ -101,8 +105,15 @@ class ImageDataModule(pl.LightningDataModule):
                                        num_replicas=world, rank=rank, random_flip=self.random_flip,
                                        batches_done=self._batches_done_in_epoch)
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(FlipByIndex(self.split("train")), sampler=self.train_sampler())
+    def _device(self) -> torch.device:
+        trainer = self.trainer
+        return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+
+    def train_dataloader(self) -> DataLoader | InMemoryLoader:
+        ds = self.split("train")
+        if self.in_memory and isinstance(ds, TensorImageDataset):
+            return InMemoryLoader(ds.images, ds.labels, self.train_sampler(), self._device)
+        return self._loader(FlipByIndex(ds), sampler=self.train_sampler())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.split("val"))

@@ -77,15 +77,20 @@ class ResumableShuffleSampler(DistributedSampler):
         flips = torch.rand(n, generator=gen) < 0.5 if self.random_flip else torch.zeros(n, dtype=torch.bool)
         return order, flips
 
-    def __iter__(self) -> Iterator[tuple[int, bool]]:
+    def local_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(indices, flip bits) of this process's batches of the current epoch, from the batch
+        Lightning says comes next (non-zero only when resuming mid-epoch)."""
         order, flips = self.epoch_order(self.epoch)
         n = len(order)
         if n < self.global_batch_size:
-            mine = range(self.rank, n, self.num_replicas)
-            yield from ((int(order[i]), bool(flips[i])) for i in mine)
+            mine = torch.arange(self.rank, n, self.num_replicas)
+            yield order[mine], flips[mine]
             return
         skip = int(self.batches_done()) % self.num_batches
         for g in range(skip, self.num_batches):
             start = g * self.global_batch_size + self.rank * self.local_batch_size
-            for i in range(start, start + self.local_batch_size):
-                yield int(order[i]), bool(flips[i])
+            yield order[start:start + self.local_batch_size], flips[start:start + self.local_batch_size]
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:
+        for indices, flips in self.local_batches():
+            yield from zip(indices.tolist(), flips.tolist())

@@ -22,7 +22,8 @@ class DDPM(GenerativeModule):
         optimizer: a ``_partial_`` torch optimizer.
         image_shape: (C, H, W) of the data.
         warmup_steps: linear learning-rate warm-up (Ho et al.: 5000).
-        ema_decay, ema_warmup: EMA of the network weights; the EMA network samples and scores.
+        ema_decay, ema_warmup, ema_foreach: EMA of the network weights (components/ema.py); the EMA
+            network samples and scores.
         sampler: default sampler, {name: ancestral|ddim, steps: int|null (null = all T), eta: float}.
         sample_batch_size: images per network call when sampling / computing the bound.
     """
@@ -32,21 +33,25 @@ class DDPM(GenerativeModule):
 
     def __init__(self, net: nn.Module, diffusion: GaussianDiffusion, optimizer: Callable[..., torch.optim.Optimizer],
                  image_shape: Sequence[int], warmup_steps: int = 0, ema_decay: float = 0.9999,
-                 ema_warmup: bool = False, sampler: dict[str, Any] | None = None, sample_batch_size: int = 256):
+                 ema_warmup: bool = False, ema_foreach: bool = True, sampler: dict[str, Any] | None = None,
+                 sample_batch_size: int = 256):
         super().__init__(image_shape)
         self.save_hyperparameters(ignore=["net", "diffusion", "optimizer"], logger=False)
         self.net, self.diffusion, self.optimizer_factory = net, diffusion, optimizer
-        self.ema = EMA(net, ema_decay, warmup=ema_warmup)
+        self.ema = EMA(net, ema_decay, warmup=ema_warmup, foreach=ema_foreach)
         self.warmup_steps, self.sample_batch_size = warmup_steps, sample_batch_size
         self.default_sampler = {"name": "ancestral", "steps": None, "eta": 1.0, **(sampler or {})}
         self._check_sampler(**self.default_sampler)
 
     # ---------------------------------------------------------------- training
+    def networks(self) -> list[str]:
+        return ["net"]
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x0 = batch[0] * 2.0 - 1.0                                             # (B, C, H, W) in [-1, 1]
         loss = self.diffusion.training_loss(self.net, x0).mean()
         self.check_finite_loss(loss)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
+        self.log_train({"train/loss": loss}, x0.shape[0])
         return loss
 
     def optimizer_step(self, *args, **kwargs) -> None:

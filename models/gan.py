@@ -35,6 +35,7 @@ class GAN(GenerativeModule):
         loss: "nonsaturating" or "hinge".
         n_critic: discriminator steps per generator step.
         ema_decay: EMA of the generator, used for sampling (0 disables averaging: EMA = G).
+        ema_warmup, ema_foreach: see components/ema.py.
         grad_clip: gradient-norm clip for both nets (None = off).
 
     Note: Lightning's ``global_step`` counts every optimizer step, so one G step with n_critic D
@@ -46,7 +47,8 @@ class GAN(GenerativeModule):
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, g_optimizer: Callable, d_optimizer: Callable,
                  image_shape: Sequence[int], loss: str = "nonsaturating", n_critic: int = 1,
-                 ema_decay: float = 0.999, ema_warmup: bool = True, grad_clip: float | None = None,
+                 ema_decay: float = 0.999, ema_warmup: bool = True, ema_foreach: bool = True,
+                 grad_clip: float | None = None,
                  sample_batch_size: int = 256):
         super().__init__(image_shape)
         if loss not in LOSSES:
@@ -56,7 +58,7 @@ class GAN(GenerativeModule):
         self.save_hyperparameters(ignore=["generator", "discriminator", "g_optimizer", "d_optimizer"], logger=False)
         self.automatic_optimization = False
         self.generator, self.discriminator = generator, discriminator
-        self.ema = EMA(generator, ema_decay, warmup=ema_warmup)
+        self.ema = EMA(generator, ema_decay, warmup=ema_warmup, foreach=ema_foreach)
         self.g_optimizer_factory, self.d_optimizer_factory = g_optimizer, d_optimizer
         self.loss_kind, self.n_critic, self.grad_clip = loss, n_critic, grad_clip
         self.sample_batch_size = sample_batch_size
@@ -78,6 +80,9 @@ class GAN(GenerativeModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
         optimizer.step()
 
+    def networks(self) -> list[str]:
+        return ["generator", "discriminator"]
+
     def training_step(self, batch, batch_idx: int) -> None:
         g_opt, d_opt = self.optimizers()
         real = batch[0] * 2.0 - 1.0                                           # (B, C, H, W) in [-1, 1]
@@ -88,7 +93,7 @@ class GAN(GenerativeModule):
         self.check_finite_loss(d_loss, "discriminator loss")
         self._step(d_opt, d_loss)
         self._d_steps += 1
-        self.log("train/d_loss", d_loss, prog_bar=True, on_step=True, batch_size=b)
+        self.log_train({"train/d_loss": d_loss}, b, prog_bar=("train/d_loss",))
         if self._d_steps % self.n_critic:
             return
         # generator step
@@ -97,8 +102,7 @@ class GAN(GenerativeModule):
         self.check_finite_loss(g_loss, "generator loss")
         self._step(g_opt, g_loss)
         self.ema.update(self.generator)
-        self.log("train/g_loss", g_loss, prog_bar=True, on_step=True, batch_size=b)
-        self.log("train/loss", g_loss + d_loss, on_step=True, batch_size=b)
+        self.log_train({"train/g_loss": g_loss, "train/loss": g_loss + d_loss}, b, prog_bar=("train/g_loss",))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         real = batch[0] * 2.0 - 1.0

@@ -51,11 +51,14 @@ class RealNVP(GenerativeModule):
         log_pz = -0.5 * (LOG_2PI + z ** 2).sum(1)
         return log_pz + logdet_flow + logdet_pre - self.num_dims * math.log(256.0)
 
+    def networks(self) -> list[str]:
+        return ["flow"]
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x = batch[0]
         loss = -self.discrete_log_prob(x).mean() / (self.num_dims * math.log(2))   # bits/dim
         self.check_finite_loss(loss)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=x.shape[0])
+        self.log_train({"train/loss": loss}, x.shape[0])
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:

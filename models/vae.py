@@ -82,15 +82,17 @@ class VAE(GenerativeModule):
                 raise ValueError("model.likelihood=bernoulli needs binary images (0/1), but the data has grey levels; "
                                  "use discretized_logistic or discretized_gaussian for 8-bit data")
 
+    def networks(self) -> list[str]:
+        return ["encoder", "decoder"]
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
         x = batch[0]
         rec, kl, _ = self.elbo_terms(x)
         beta = min(1.0, self.global_step / self.kl_warmup_steps) if self.kl_warmup_steps else 1.0
         loss = (kl * beta - rec).mean() / self.num_dims                       # nats per dim
         self.check_finite_loss(loss)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, batch_size=x.shape[0])
-        self.log("train/elbo_bpd", ((kl - rec).mean() / (self.num_dims * math.log(2))).detach(), on_step=True,
-                 batch_size=x.shape[0])
+        self.log_train({"train/loss": loss, "train/elbo_bpd": (kl - rec).mean() / (self.num_dims * math.log(2))},
+                       x.shape[0])
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:

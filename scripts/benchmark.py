@@ -88,8 +88,9 @@ def compose_cfg(overrides: list[str]):
         return compose(config_name="train", overrides=overrides)
 
 
-def build(family: str, device: torch.device, batch_size: int):
-    cfg = compose_cfg([f"experiment=digits_{family}", f"datamodule.batch_size={batch_size}", "logger=none"])
+def build(family: str, device: torch.device, batch_size: int, overrides: tuple[str, ...] = ()):
+    cfg = compose_cfg([f"experiment=digits_{family}", f"datamodule.batch_size={batch_size}", "logger=none",
+                       *overrides])
     dm = hydra.utils.instantiate(cfg.datamodule)
     dm.setup()
     model = hydra.utils.instantiate(cfg.model).to(device)
@@ -182,16 +183,69 @@ class _Timer(pl.Callback):
         return self.images / (time.perf_counter() - self.t0)
 
 
-def genbench_throughput(family: str, device, batch_size: int, batches: int) -> float:
-    cfg, dm, model = build(family, device, batch_size)
+def genbench_throughput(family: str, device, batch_size: int, batches: int, overrides: tuple[str, ...] = (),
+                        warmup: int = 3) -> float:
+    """The real module, datamodule, fast-path callback and precision of the composed config."""
+    cfg, dm, model = build(family, device, batch_size, overrides)
     steps_per_batch = 2 if family == "gan" else 1   # Lightning's global_step counts both GAN optimizers
-    timer = _Timer(3, device)
+    timer = _Timer(warmup, device)
+    fast = hydra.utils.instantiate(cfg.callbacks.fast_paths)
     trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         max_steps=(batches + 3) * steps_per_batch, limit_val_batches=0, num_sanity_val_steps=0,
-                         callbacks=[timer], precision=cfg.trainer.precision)
+                         max_steps=(batches + warmup) * steps_per_batch, limit_val_batches=0, num_sanity_val_steps=0,
+                         callbacks=[timer, fast], precision=cfg.trainer.precision,
+                         log_every_n_steps=cfg.trainer.log_every_n_steps)
     trainer.fit(model, datamodule=dm)
     return timer.throughput()
+
+
+# ----------------------------------------------------------------------------- fast paths
+
+#: each switch flipped against the default config (name, overrides)
+FAST_PATHS = {
+    "default": (),
+    "dataloader (in_memory=false)": ("datamodule.in_memory=false",),
+    "per-tensor EMA (ema_foreach=false)": ("model.ema_foreach=false",),
+    "foreach Adam": ("model.optimizer.foreach=true",),
+    "fused Adam": ("model.optimizer.fused=true",),
+    "bf16 autocast": ("trainer.precision=bf16-mixed",),
+    "fp16 autocast": ("trainer.precision=16-mixed",),
+    "channels_last": ("callbacks.fast_paths.channels_last=true",),
+    "torch.compile": ("callbacks.fast_paths.compile=true",),
+}
+#: dense bf16 tensor-core peaks (TFLOP/s) for the MFU
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def training_flops_per_image(family: str, device, batch_size: int) -> float:
+    """Model FLOPs of one training step per image (forward + backward, counted by
+    torch.utils.flop_counter on the real step; optimizer and EMA excluded, as MFU counts them)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    _, dm, model = build(family, device, batch_size)
+    x = next(iter(dm.train_dataloader()))[0].to(device)
+    step, _ = bare_step_fn(family, model, device)
+    with FlopCounterMode(display=False) as counter:
+        step(x)
+    return counter.get_total_flops() / batch_size
+
+
+def fast_path_table(family: str, device, batch_size: int, batches: int, repeats: int, names: list[str],
+                    peak_tflops: float | None) -> list[dict]:
+    flops = training_flops_per_image(family, device, batch_size)
+    rows = []
+    for name in names:
+        # compile: its first steps compile; give it more warm-up
+        runs = [genbench_throughput(family, device, batch_size, batches, FAST_PATHS[name],
+                                    warmup=10 if "compile" in name else 3) for _ in range(repeats)]
+        img_s = statistics.median(runs)
+        tflops = flops * img_s / 1e12
+        rows.append({"fast_path": name, "overrides": list(FAST_PATHS[name]), "img_s": img_s, "all": runs,
+                     "model_tflop_s": tflops, "mfu": tflops / peak_tflops if peak_tflops else None})
+        print(f"fast path {name}: {img_s:.0f} img/s", flush=True)
+    base = rows[0]["img_s"]
+    for row in rows:
+        row["vs_default"] = row["img_s"] / base
+    return [{"family": family, "gflop_per_image": flops / 1e9, "peak_tflops": peak_tflops}] + rows
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -266,7 +320,8 @@ def sampling_costs(device, num_samples: int) -> list[dict]:
 # ----------------------------------------------------------------------------- main
 
 def run_benchmark(families: list[str], device: torch.device, batch_size: int, batches: int, repeats: int,
-                  sample_n: int, cache_dir: Path, fid_dim: int = 2048) -> dict:
+                  sample_n: int, cache_dir: Path, fid_dim: int = 2048, fast_paths: list[str] | None = None,
+                  fast_family: str = "ddpm", peak_tflops: float | None = None) -> dict:
     torch.manual_seed(0)
     out: dict = {"machine": {"device": str(device), "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                              "torch": torch.__version__,
@@ -285,6 +340,11 @@ def run_benchmark(families: list[str], device: torch.device, batch_size: int, ba
         out["training"].append(row)
         print(f"train {family}: genbench {row['genbench_img_s']:.0f} img/s, bare {row['bare_img_s']:.0f} img/s, "
               f"ratio {row['ratio']:.3f}", flush=True)
+    if fast_paths:
+        if peak_tflops is None and device.type == "cuda":
+            peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+        out["fast_paths"] = fast_path_table(fast_family, device, batch_size, batches, repeats,
+                                            ["default", *[n for n in fast_paths if n != "default"]], peak_tflops)
     with PeakMemory(device) as mem:
         out["fid_vs_sqrtm"] = fid_vs_sqrtm(fid_dim, 2 * fid_dim)
     out["fid_vs_sqrtm"]["peak_mb"] = mem.peak_mb
@@ -302,6 +362,15 @@ def to_markdown(r: dict) -> str:
     for t in r["training"]:
         lines.append(f"| {t['family']} | {t['genbench_img_s']:.0f} | {t['bare_img_s']:.0f} | {t['ratio']:.3f} | "
                      f"{t['genbench_peak_mb']:.0f} / {t['bare_peak_mb']:.0f} |")
+    if r.get("fast_paths"):
+        head, *rows = r["fast_paths"]
+        peak = f", peak {head['peak_tflops']:.0f} TFLOP/s" if head["peak_tflops"] else ""
+        lines += ["", f"Fast paths ({head['family']}, {head['gflop_per_image']:.3f} GFLOP per training image{peak}):", "",
+                  "| switch | img/s | vs default | model TFLOP/s | MFU |", "|---|---|---|---|---|"]
+        for row in rows:
+            mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
+            lines.append(f"| {row['fast_path']} | {row['img_s']:.0f} | {row['vs_default']:.3f} | "
+                         f"{row['model_tflop_s']:.4f} | {mfu} |")
     f = r["fid_vs_sqrtm"]
     e = r["evaluation"]
     lines += ["", f"FID at {f['dim']} dims: {f['seconds_ours']:.2f} s (eigenvalue form) vs {f['seconds_sqrtm']:.2f} s "
@@ -327,11 +396,17 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "logs" / "benchmark")
     p.add_argument("--cache-dir", type=Path, default=ROOT / ".cache")
     p.add_argument("--fid-dim", type=int, default=2048, help="feature dimension of the FID timing")
+    p.add_argument("--fast-paths", nargs="*", default=None, choices=list(FAST_PATHS), metavar="NAME",
+                   help=f"measure these switches against the default config (none given: all): {list(FAST_PATHS)}")
+    p.add_argument("--fast-family", default="ddpm", help="family of the fast-path table")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU (H100/H200/A100 known)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.batches, args.sample_n = 1, 10, 16
     result = run_benchmark(args.families, torch.device(args.device), args.batch_size, args.batches, args.repeats,
-                           args.sample_n, args.cache_dir, args.fid_dim)
+                           args.sample_n, args.cache_dir, args.fid_dim,
+                           fast_paths=(list(FAST_PATHS) if args.fast_paths == [] else args.fast_paths),
+                           fast_family=args.fast_family, peak_tflops=args.peak_tflops)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark.json").write_text(json.dumps(result, indent=2))
     md = to_markdown(result)

@@ -174,3 +174,24 @@ def test_config_mismatch_is_a_clear_error():
         ImageDataModule(name="digits", channels=3)
     with pytest.raises(KeyError, match="registered"):
         ImageDataModule(name="imagenet")
+
+
+def test_in_memory_batches_equal_the_dataloader_batches():
+    """The fast path (one gather on the device) yields the DataLoader path's batches bit for bit,
+    flips and mid-epoch resume included."""
+    from datamodules.in_memory import InMemoryLoader
+    dm = ImageDataModule(batch_size=64, seed=5, random_flip=True, in_memory=True)
+    dm.setup()
+    fast = dm.train_dataloader()
+    assert isinstance(fast, InMemoryLoader)
+    dm.in_memory = False
+    slow = dm.train_dataloader()
+    for epoch in (0, 2):
+        fast.sampler.set_epoch(epoch)
+        slow.sampler.set_epoch(epoch)
+        pairs = list(zip(fast, slow, strict=True))
+        assert len(pairs) == len(fast) == len(slow) == 1397 // 64
+        for (xf, yf), (xs, ys) in pairs:
+            assert torch.equal(xf, xs) and torch.equal(yf, ys)
+    fast.sampler.batches_done = lambda: 7
+    assert torch.equal(next(iter(fast))[0], pairs[7][1][0])

@@ -11,17 +11,18 @@ class EMA(nn.Module):
     """Holds ``shadow``, a frozen copy of ``net`` whose weights follow
     theta_ema <- decay * theta_ema + (1 - decay) * theta after every optimizer step.
 
+    ``foreach=False`` updates tensor by tensor (the benchmark's baseline for the fused update).
     With ``warmup=True`` the decay is min(decay, (1 + n) / (10 + n)) after n updates (the
     TensorFlow ExponentialMovingAverage num_updates rule), so short runs are not dominated by
     the initial weights. Buffers (e.g. BatchNorm statistics) are copied, not averaged.
     Being a submodule, the shadow is saved in checkpoints and moved across devices with its owner.
     """
 
-    def __init__(self, net: nn.Module, decay: float = 0.9999, warmup: bool = False):
+    def __init__(self, net: nn.Module, decay: float = 0.9999, warmup: bool = False, foreach: bool = True):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay, self.warmup = float(decay), bool(warmup)
+        self.decay, self.warmup, self.foreach = float(decay), bool(warmup), bool(foreach)
         self.shadow = copy.deepcopy(net).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         # a host-side copy of num_updates: reading the buffer every step would sync with the GPU
@@ -45,7 +46,11 @@ class EMA(nn.Module):
         if len(ema_params) != len(params):
             raise RuntimeError("EMA shadow and network have different parameter lists")
         # lerp_(end, w): ema += w * (p - ema)  ==  decay * ema + (1 - decay) * p
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        if self.foreach:  # one fused kernel launch per group of tensors instead of one per tensor
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        else:
+            for e, p in zip(ema_params, params):
+                e.lerp_(p, 1.0 - decay)
         for b_ema, b in zip(self.shadow.buffers(), net.buffers()):
             b_ema.copy_(b)
         self.num_updates += 1
