@@ -52,8 +52,10 @@ def plot_fid_vs_step(records: Sequence[RunRecord], out_stem: Path, metric: str =
 def plot_fid_vs_nfe(points: Sequence[dict], out_stem: Path) -> list[Path]:
     """points: {"label": "DDIM-50", "nfe": 50, "fid": ...}; the DDIM paper's Table 1 shape."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    ddim = sorted((p for p in points if p["label"].startswith("DDIM")), key=lambda p: p["nfe"])
-    ax.plot([p["nfe"] for p in ddim], [p["fid"] for p in ddim], marker="o", label="DDIM (eta=0)")
+    for eta in sorted({p.get("eta", 0.0) for p in points if p["label"].startswith("DDIM")}):
+        ddim = sorted((p for p in points if p["label"].startswith("DDIM") and p.get("eta", 0.0) == eta),
+                      key=lambda p: p["nfe"])
+        ax.plot([p["nfe"] for p in ddim], [p["fid"] for p in ddim], marker="o", label=f"DDIM (eta={eta:g})")
     for p in points:
         if not p["label"].startswith("DDIM"):
             ax.scatter([p["nfe"]], [p["fid"]], marker="*", s=120, color="C3", label=p["label"], zorder=3)

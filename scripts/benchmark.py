@@ -317,11 +317,27 @@ def sampling_costs(device, num_samples: int) -> list[dict]:
     return rows
 
 
+def sampler_fid(run_dir: Path, num_samples: int, cache_dir: Path, out: Path) -> dict:
+    """FID of DDIM-50 (eta 0 and 1) against ancestral-1000 on one trained DDPM run directory: the
+    quality side of the 20x cheaper sampler (classifier features, test-split reference)."""
+    from scripts.main_job import fid_vs_nfe
+    samplers = [("DDIM-50", {"name": "ddim", "steps": 50, "eta": 0.0}),
+                ("DDIM-50 eta=1", {"name": "ddim", "steps": 50, "eta": 1.0}),
+                ("ancestral-1000", {"name": "ancestral", "steps": None, "eta": 1.0})]
+    points = fid_vs_nfe(run_dir, out, num_samples, [f"paths.cache_dir={cache_dir}"], samplers)
+    ancestral = points[-1]["fid"]
+    for p in points:
+        p["fid_ratio_to_ancestral"] = p["fid"] / ancestral
+        p["nfe_ratio_to_ancestral"] = p["nfe"] / points[-1]["nfe"]
+    return {"run_dir": str(run_dir), "num_samples": num_samples, "points": points}
+
+
 # ----------------------------------------------------------------------------- main
 
 def run_benchmark(families: list[str], device: torch.device, batch_size: int, batches: int, repeats: int,
                   sample_n: int, cache_dir: Path, fid_dim: int = 2048, fast_paths: list[str] | None = None,
-                  fast_family: str = "ddpm", peak_tflops: float | None = None) -> dict:
+                  fast_family: str = "ddpm", peak_tflops: float | None = None, sampler_fid_run: Path | None = None,
+                  sampler_fid_n: int = 1000, sampler_fid_out: Path = ROOT / "logs" / "benchmark") -> dict:
     torch.manual_seed(0)
     out: dict = {"machine": {"device": str(device), "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
                              "torch": torch.__version__,
@@ -352,6 +368,8 @@ def run_benchmark(families: list[str], device: torch.device, batch_size: int, ba
         out["evaluation"] = evaluation_passes(device, cache_dir)
     out["evaluation"]["peak_mb"] = mem.peak_mb
     out["sampling"] = sampling_costs(device, sample_n)
+    if sampler_fid_run is not None:
+        out["sampler_fid"] = sampler_fid(sampler_fid_run, sampler_fid_n, cache_dir, sampler_fid_out)
     return out
 
 
@@ -381,6 +399,13 @@ def to_markdown(r: dict) -> str:
               "", "| DDPM sampler | NFE | s/sample | peak MB |", "|---|---|---|---|"]
     for s in r["sampling"]:
         lines.append(f"| {s['sampler']} | {s['nfe']:.0f} | {s['sec_per_sample']:.4f} | {s['peak_mb']:.0f} |")
+    if r.get("sampler_fid"):
+        sf = r["sampler_fid"]
+        lines += ["", f"Sampler quality ({sf['num_samples']} samples, {sf['run_dir']}):", "",
+                  "| sampler | NFE | FID | FID / ancestral-1000 |", "|---|---|---|---|"]
+        for p in sf["points"]:
+            lines.append(f"| {p['label']} | {p['nfe']:.0f} | {p['fid']:.2f} [{p['extractor']}] | "
+                         f"{p['fid_ratio_to_ancestral']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -400,13 +425,18 @@ def main(argv=None) -> None:
                    help=f"measure these switches against the default config (none given: all): {list(FAST_PATHS)}")
     p.add_argument("--fast-family", default="ddpm", help="family of the fast-path table")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU (H100/H200/A100 known)")
+    p.add_argument("--sampler-fid-run", type=Path, default=None,
+                   help="a trained DDPM run dir: FID of DDIM-50 (eta 0, 1) vs ancestral-1000 on it")
+    p.add_argument("--sampler-fid-n", type=int, default=1000)
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.batches, args.sample_n = 1, 10, 16
     result = run_benchmark(args.families, torch.device(args.device), args.batch_size, args.batches, args.repeats,
                            args.sample_n, args.cache_dir, args.fid_dim,
                            fast_paths=(list(FAST_PATHS) if args.fast_paths == [] else args.fast_paths),
-                           fast_family=args.fast_family, peak_tflops=args.peak_tflops)
+                           fast_family=args.fast_family, peak_tflops=args.peak_tflops,
+                           sampler_fid_run=args.sampler_fid_run, sampler_fid_n=args.sampler_fid_n,
+                           sampler_fid_out=args.out / "sampler_fid")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark.json").write_text(json.dumps(result, indent=2))
     md = to_markdown(result)

@@ -29,9 +29,9 @@ from metrics.report import build_table, collect_local, to_markdown, write_table
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("ddpm", "realnvp", "vae", "gan")  # longest first: the two parallel workers finish together
 MAIN_OVERRIDES = ["evaluation.reference.num_images=300"]
-NFE_SAMPLERS = [("DDIM-10", {"name": "ddim", "steps": 10, "eta": 0.0}), ("DDIM-20", {"name": "ddim", "steps": 20, "eta": 0.0}),
-                ("DDIM-50", {"name": "ddim", "steps": 50, "eta": 0.0}), ("DDIM-100", {"name": "ddim", "steps": 100, "eta": 0.0}),
-                ("ancestral-1000", {"name": "ancestral", "steps": None, "eta": 1.0})]
+NFE_SAMPLERS = [(f"DDIM-{steps}" + (" eta=1" if eta else ""), {"name": "ddim", "steps": steps, "eta": eta})
+                for eta in (0.0, 1.0) for steps in (10, 20, 50, 100)]
+NFE_SAMPLERS.append(("ancestral-1000", {"name": "ancestral", "steps": None, "eta": 1.0}))
 
 
 def _run(cmd: list[str], log: Path) -> None:
@@ -67,7 +67,8 @@ def prepare_caches(extractors: list[str], overrides: list[str]) -> None:
                               cfg.evaluation.reference.num_images, "auto", "cpu")
 
 
-def fid_vs_nfe(ddpm_run: Path, out: Path, num_samples: int, extra: list[str]) -> list[dict]:
+def fid_vs_nfe(ddpm_run: Path, out: Path, num_samples: int, extra: list[str],
+               samplers: list[tuple[str, dict]] = NFE_SAMPLERS) -> list[dict]:
     """The DDIM paper's Table 1 shape on one checkpoint: DDIM-{10,20,50,100} and ancestral-1000,
     evaluated in this process with scripts/evaluate.py's evaluate()."""
     from hydra import compose, initialize_config_dir
@@ -76,8 +77,8 @@ def fid_vs_nfe(ddpm_run: Path, out: Path, num_samples: int, extra: list[str]) ->
     from scripts.evaluate import evaluate
 
     points = []
-    for label, sampler in NFE_SAMPLERS:
-        run_dir = out / "fid_vs_nfe" / label
+    for label, sampler in samplers:
+        run_dir = out / "fid_vs_nfe" / label.replace(" ", "_")
         overrides = [f"sampler.{k}={'null' if v is None else v}" for k, v in sampler.items()]
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             cfg = compose(config_name="eval", overrides=[
@@ -87,10 +88,11 @@ def fid_vs_nfe(ddpm_run: Path, out: Path, num_samples: int, extra: list[str]) ->
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir)
         r = evaluate(cfg)
-        points.append({"label": label, "nfe": r["metrics"]["nfe"], "fid": r["metrics"]["fid"],
+        points.append({"label": label, "nfe": r["metrics"]["nfe"], "fid": r["metrics"]["fid"], "eta": sampler["eta"],
                        "extractor": r["feature_extractor"], "num_samples": num_samples,
                        "sec_per_sample": r["metrics"]["sec_per_sample"]})
         print(f"  {label}: NFE {points[-1]['nfe']:.0f}, FID {points[-1]['fid']:.2f} [{points[-1]['extractor']}]", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "fid_vs_nfe.json").write_text(json.dumps(points, indent=2))
     return points
 

@@ -1,0 +1,78 @@
+"""Fast paths change speed, not results: each switch against the default on the same batch."""
+from __future__ import annotations
+
+import hydra
+import pytest
+import torch
+
+from conftest import compose_train
+from models.components.ema import EMA
+from models.fast_paths import FastPaths
+
+
+def _one_step(overrides: list[str], fast: FastPaths | None = None):
+    cfg = compose_train(["experiment=digits_ddpm", *overrides])
+    torch.manual_seed(0)
+    model = hydra.utils.instantiate(cfg.model)
+    if fast is not None:
+        fast.on_fit_start(None, model)
+    opt = hydra.utils.instantiate(cfg.model.optimizer)(params=model.net.parameters())
+    x = torch.rand(16, 1, 8, 8).mul(255).round().div(255)
+    torch.manual_seed(1)
+    loss = model.diffusion.training_loss(model.net, x * 2 - 1).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    model.ema.update(model.net)
+    return loss.detach(), {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("switch", ["channels_last", "fused", "foreach", "ema_loop"])
+def test_switch_leaves_the_step_unchanged(switch):
+    ref_loss, ref_state = _one_step([])
+    overrides, fast = [], None
+    if switch == "channels_last":
+        fast = FastPaths(channels_last=True)
+    elif switch == "fused":
+        overrides = ["model.optimizer.fused=true"]
+    elif switch == "foreach":
+        overrides = ["model.optimizer.foreach=true"]
+    else:
+        overrides = ["model.ema_foreach=false"]
+    loss, state = _one_step(overrides, fast)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for key, value in ref_state.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_channels_last_converts_the_convolutions():
+    cfg = compose_train(["experiment=digits_ddpm"])
+    model = hydra.utils.instantiate(cfg.model)
+    FastPaths(channels_last=True).on_fit_start(None, model)
+    convs = [m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+
+
+def test_foreach_and_loop_ema_agree():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    a, b = EMA(net, 0.9, warmup=True), EMA(net, 0.9, warmup=True, foreach=False)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        a.update(net)
+        b.update(net)
+    for pa, pb in zip(a.shadow.parameters(), b.shadow.parameters()):
+        torch.testing.assert_close(pa, pb)
+    assert int(a.num_updates) == int(b.num_updates) == 3
+
+
+@pytest.mark.slow
+def test_compiled_network_gives_the_eager_outputs():
+    cfg = compose_train(["experiment=digits_ddpm"])
+    model = hydra.utils.instantiate(cfg.model).eval()
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999])
+    eager = model.net(x, t)
+    FastPaths(compile=True).on_fit_start(None, model)
+    torch.testing.assert_close(model.net(x, t), eager, rtol=1e-4, atol=1e-5)
+    assert set(model.state_dict()) == set(hydra.utils.instantiate(cfg.model).state_dict())  # same checkpoint keys
