@@ -43,5 +43,6 @@ class InMemoryLoader:
         for indices, flips in self.sampler.local_batches():
             indices, flips = indices.to(device, non_blocking=True), flips.to(device, non_blocking=True)
             x = self.images[indices].float().div_(255.0)     # what TensorImageDataset returns per image
-            x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+            if self.sampler.random_flip:
+                x = torch.where(flips[:, None, None, None], x.flip(-1), x)
             yield x, self.labels[indices]

@@ -232,19 +232,21 @@ def training_flops_per_image(family: str, device, batch_size: int) -> float:
 def fast_path_table(family: str, device, batch_size: int, batches: int, repeats: int, names: list[str],
                     peak_tflops: float | None) -> list[dict]:
     flops = training_flops_per_image(family, device, batch_size)
+    runs: dict[str, list[float]] = {name: [] for name in names}
+    for _ in range(repeats):  # interleaved, so a drift of the machine hits every switch alike
+        for name in names:
+            # compile: its first steps compile; give it more warm-up
+            runs[name].append(genbench_throughput(family, device, batch_size, batches, FAST_PATHS[name],
+                                                  warmup=10 if "compile" in name else 3))
     rows = []
     for name in names:
-        # compile: its first steps compile; give it more warm-up
-        runs = [genbench_throughput(family, device, batch_size, batches, FAST_PATHS[name],
-                                    warmup=10 if "compile" in name else 3) for _ in range(repeats)]
-        img_s = statistics.median(runs)
+        img_s = statistics.median(runs[name])
         tflops = flops * img_s / 1e12
-        rows.append({"fast_path": name, "overrides": list(FAST_PATHS[name]), "img_s": img_s, "all": runs,
+        rows.append({"fast_path": name, "overrides": list(FAST_PATHS[name]), "img_s": img_s, "all": runs[name],
                      "model_tflop_s": tflops, "mfu": tflops / peak_tflops if peak_tflops else None})
         print(f"fast path {name}: {img_s:.0f} img/s", flush=True)
-    base = rows[0]["img_s"]
-    for row in rows:
-        row["vs_default"] = row["img_s"] / base
+    for row in rows:  # median of the per-repeat ratios to the default measured in the same round
+        row["vs_default"] = statistics.median(a / b for a, b in zip(row["all"], rows[0]["all"]))
     return [{"family": family, "gflop_per_image": flops / 1e9, "peak_tflops": peak_tflops}] + rows
 
 
@@ -273,6 +275,21 @@ def fid_vs_sqrtm(dim: int = 2048, n: int = 4096) -> dict:
 def evaluation_passes(device, cache_dir: Path) -> dict:
     """Extractor calls per generated image for the full metric set, and real-image passes of a first
     and a second (cached) evaluation."""
+    import shutil
+    import tempfile
+
+    # a cold reference cache (the first evaluation builds it) sharing the trained classifier
+    shared = Path(cache_dir)
+    cache_dir = Path(tempfile.mkdtemp(prefix="benchmark-cache-"))
+    (shared / "classifiers").mkdir(parents=True, exist_ok=True)
+    (cache_dir / "classifiers").symlink_to((shared / "classifiers").resolve())
+    try:
+        return _evaluation_passes(device, cache_dir)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+
+
+def _evaluation_passes(device, cache_dir: Path) -> dict:
     from metrics.evaluation import Evaluator
     from metrics.features import build_feature_metrics
     from metrics.reference import REAL_IMAGE_PASSES
@@ -351,8 +368,11 @@ def run_benchmark(families: list[str], device: torch.device, batch_size: int, ba
             with PeakMemory(device) as m_ours:
                 ours.append(genbench_throughput(family, device, batch_size, batches))
             peaks = {"bare_peak_mb": m_bare.peak_mb, "genbench_peak_mb": m_ours.peak_mb}
+        # the median of back-to-back pair ratios: robust to the slow drifts of a shared machine
+        pair_ratios = [o / b for o, b in zip(ours, bare)]
         row = {"family": family, "bare_img_s": statistics.median(bare), "genbench_img_s": statistics.median(ours),
-               "ratio": statistics.median(ours) / statistics.median(bare), "bare_all": bare, "genbench_all": ours, **peaks}
+               "ratio": statistics.median(pair_ratios), "ratio_of_medians": statistics.median(ours) / statistics.median(bare),
+               "pair_ratios": pair_ratios, "bare_all": bare, "genbench_all": ours, **peaks}
         out["training"].append(row)
         print(f"train {family}: genbench {row['genbench_img_s']:.0f} img/s, bare {row['bare_img_s']:.0f} img/s, "
               f"ratio {row['ratio']:.3f}", flush=True)
@@ -376,7 +396,8 @@ def run_benchmark(families: list[str], device: torch.device, batch_size: int, ba
 def to_markdown(r: dict) -> str:
     m = r["machine"]
     lines = [f"Machine: {m['device']} ({m['gpu'] or platform.processor() or 'cpu'}), {m['cpu_threads']} threads, torch {m['torch']}",
-             "", "| family | genbench img/s | bare img/s | ratio | peak MB (genbench / bare) |", "|---|---|---|---|---|"]
+             "", "| family | genbench img/s | bare img/s | ratio (median of pairs) | peak MB (genbench / bare) |",
+             "|---|---|---|---|---|"]
     for t in r["training"]:
         lines.append(f"| {t['family']} | {t['genbench_img_s']:.0f} | {t['bare_img_s']:.0f} | {t['ratio']:.3f} | "
                      f"{t['genbench_peak_mb']:.0f} / {t['bare_peak_mb']:.0f} |")
@@ -415,7 +436,7 @@ def main(argv=None) -> None:
     p.add_argument("--families", nargs="+", default=["gan", "vae", "realnvp", "ddpm"])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--batches", type=int, default=40)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sample-n", type=int, default=64)
     p.add_argument("--quick", action="store_true", help="1 repeat, 10 batches, 16 samples")
     p.add_argument("--out", type=Path, default=ROOT / "logs" / "benchmark")
