@@ -44,13 +44,13 @@ def test_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(model
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(_command(whole, model, shared_cache), cwd=ROOT, env=_env(), check=True, capture_output=True)
 
-    kill_after = random.Random().randint(10, 45)  # a checkpoint at or after this step, then a random delay
+    kill_after = random.Random().randint(10, 40)  # a checkpoint at or after this step, then a random delay
     proc = subprocess.Popen(_command(killed, model, shared_cache), cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while proc.poll() is None and not any(s >= kill_after for s in _checkpoint_steps(killed)):
-            time.sleep(0.05)
-        time.sleep(random.random() * 0.5)
+            time.sleep(0.01)
+        time.sleep(random.random() * 0.1)  # a GAN batch takes ~15 ms: lands a few steps further on
         assert proc.poll() is None, "the run finished before it could be killed; lower kill_after"
         proc.send_signal(signal.SIGKILL)
         proc.wait()
