@@ -27,14 +27,18 @@ def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -
     """FID (Heusel et al. 2017): ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}).
 
     tr((S1 S2)^{1/2}) = sum_i sqrt(lambda_i) with lambda_i the eigenvalues of S1 S2, which equal
-    those of the symmetric PSD matrix S1^{1/2} S2 S1^{1/2}: two symmetric eigendecompositions,
-    eigenvalues clamped at 0, so the result is always real (no complex sqrtm, no negative FID
-    from round-off). float64 throughout.
+    those of the symmetric PSD matrix B^T S2 B for any factor S1 = B B^T: B = the Cholesky factor
+    when S1 is positive definite (cheap), else S1^{1/2} from a symmetric eigendecomposition
+    (rank-deficient S1, fewer samples than dimensions). One symmetric eigenvalue problem, values
+    clamped at 0, so the result is always real (no complex sqrtm, no negative FID from
+    round-off). float64 throughout.
     """
     mu1, mu2, sigma1, sigma2 = mu1.double(), mu2.double(), sigma1.double(), sigma2.double()
-    evals1, evecs1 = torch.linalg.eigh(sigma1)
-    sqrt1 = (evecs1 * evals1.clamp(min=0).sqrt()) @ evecs1.T
-    inner = sqrt1 @ sigma2 @ sqrt1
+    factor, info = torch.linalg.cholesky_ex(sigma1)
+    if int(info) != 0:
+        evals1, evecs1 = torch.linalg.eigh(sigma1)
+        factor = (evecs1 * evals1.clamp(min=0).sqrt()) @ evecs1.T
+    inner = factor.T @ sigma2 @ factor
     evals = torch.linalg.eigvalsh((inner + inner.T) / 2)
     tr_covmean = evals.clamp(min=0).sqrt().sum()
     fid = (mu1 - mu2).square().sum() + torch.trace(sigma1) + torch.trace(sigma2) - 2 * tr_covmean

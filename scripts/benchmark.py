@@ -156,31 +156,44 @@ def bare_throughput(family: str, device, batch_size: int, batches: int) -> float
         data += [x.to(device) for x, _ in dm.train_dataloader()]
     for x in data[:3]:   # warm-up
         step(x)
-    _sync(device)
-    t0 = time.perf_counter()
+    stamps = []
     for x in data[3:3 + batches]:
+        _sync(device)
+        stamps.append(time.perf_counter())
         step(x)
     _sync(device)
-    return batches * batch_size / (time.perf_counter() - t0)
+    stamps.append(time.perf_counter())
+    return throughput_from_stamps(stamps, batch_size)
+
+
+def throughput_from_stamps(stamps: list[float], batch_size: int) -> float:
+    """Images/s from the MEDIAN step time (intervals between consecutive step starts): on a shared
+    machine a neighbour's burst stalls a few steps; the median step ignores them, a mean does not."""
+    return batch_size / statistics.median(np.diff(stamps))
 
 
 class _Timer(pl.Callback):
+    """Stamps the start of every batch after the warm-up and the end of the last, inside the loop
+    (so each interval holds the whole per-step cost of the loop; set-up and tear-down are out)."""
+
     def __init__(self, warmup: int, device):
-        self.warmup, self.device, self.t0, self.images, self.seen = warmup, device, None, 0, 0
+        self.warmup, self.device, self.stamps, self.seen, self.batch_size = warmup, device, [], 0, 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if self.seen == self.warmup:
+        if self.seen >= self.warmup:
             _sync(self.device)
-            self.t0 = time.perf_counter()
+            self.stamps.append(time.perf_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.seen += 1
-        if self.seen > self.warmup:
-            self.images += batch[0].shape[0]
+        self.batch_size = batch[0].shape[0]
+
+    def on_train_end(self, trainer, pl_module):
+        _sync(self.device)
+        self.stamps.append(time.perf_counter())
 
     def throughput(self) -> float:
-        _sync(self.device)
-        return self.images / (time.perf_counter() - self.t0)
+        return throughput_from_stamps(self.stamps, self.batch_size)
 
 
 def genbench_throughput(family: str, device, batch_size: int, batches: int, overrides: tuple[str, ...] = (),
@@ -353,13 +366,20 @@ def sampler_fid(run_dir: Path, num_samples: int, cache_dir: Path, out: Path) -> 
 
 def run_benchmark(families: list[str], device: torch.device, batch_size: int, batches: int, repeats: int,
                   sample_n: int, cache_dir: Path, fid_dim: int = 2048, fast_paths: list[str] | None = None,
-                  fast_family: str = "ddpm", peak_tflops: float | None = None, sampler_fid_run: Path | None = None,
+                  fast_family: str = "ddpm", peak_tflops: float | None = None, fast_repeats: int = 3,
+                  train_threads: int | None = None,
+                  sampler_fid_run: Path | None = None,
                   sampler_fid_n: int = 1000, sampler_fid_out: Path = ROOT / "logs" / "benchmark") -> dict:
     torch.manual_seed(0)
-    out: dict = {"machine": {"device": str(device), "cpu_threads": torch.get_num_threads(), "platform": platform.platform(),
+    default_threads = torch.get_num_threads()
+    if train_threads:
+        torch.set_num_threads(train_threads)
+    out: dict = {"machine": {"device": str(device), "cpu_threads": default_threads,
+                             "train_threads": torch.get_num_threads(), "platform": platform.platform(),
                              "torch": torch.__version__,
                              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-                 "settings": {"batch_size": batch_size, "batches": batches, "repeats": repeats}, "training": []}
+                 "settings": {"batch_size": batch_size, "batches": batches, "repeats": repeats,
+                              "fast_repeats": fast_repeats}, "training": []}
     for family in families:
         bare, ours, peaks = [], [], {}
         for _ in range(repeats):   # interleaved so drifts hit both sides alike
@@ -379,8 +399,9 @@ def run_benchmark(families: list[str], device: torch.device, batch_size: int, ba
     if fast_paths:
         if peak_tflops is None and device.type == "cuda":
             peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
-        out["fast_paths"] = fast_path_table(fast_family, device, batch_size, batches, repeats,
+        out["fast_paths"] = fast_path_table(fast_family, device, batch_size, batches, fast_repeats,
                                             ["default", *[n for n in fast_paths if n != "default"]], peak_tflops)
+    torch.set_num_threads(default_threads)
     with PeakMemory(device) as mem:
         out["fid_vs_sqrtm"] = fid_vs_sqrtm(fid_dim, 2 * fid_dim)
     out["fid_vs_sqrtm"]["peak_mb"] = mem.peak_mb
@@ -395,7 +416,8 @@ def run_benchmark(families: list[str], device: torch.device, batch_size: int, ba
 
 def to_markdown(r: dict) -> str:
     m = r["machine"]
-    lines = [f"Machine: {m['device']} ({m['gpu'] or platform.processor() or 'cpu'}), {m['cpu_threads']} threads, torch {m['torch']}",
+    lines = [f"Machine: {m['device']} ({m['gpu'] or platform.processor() or 'cpu'}), {m['cpu_threads']} threads "
+             f"({m.get('train_threads', m['cpu_threads'])} for the training rows), torch {m['torch']}",
              "", "| family | genbench img/s | bare img/s | ratio (median of pairs) | peak MB (genbench / bare) |",
              "|---|---|---|---|---|"]
     for t in r["training"]:
@@ -433,6 +455,9 @@ def to_markdown(r: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads of the training-throughput rows (1 is the steadiest on a "
+                        "shared CPU machine); evaluation and sampling use the default")
     p.add_argument("--families", nargs="+", default=["gan", "vae", "realnvp", "ddpm"])
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--batches", type=int, default=40)
@@ -445,6 +470,7 @@ def main(argv=None) -> None:
     p.add_argument("--fast-paths", nargs="*", default=None, choices=list(FAST_PATHS), metavar="NAME",
                    help=f"measure these switches against the default config (none given: all): {list(FAST_PATHS)}")
     p.add_argument("--fast-family", default="ddpm", help="family of the fast-path table")
+    p.add_argument("--fast-repeats", type=int, default=3, help="rounds of the fast-path table")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU (H100/H200/A100 known)")
     p.add_argument("--sampler-fid-run", type=Path, default=None,
                    help="a trained DDPM run dir: FID of DDIM-50 (eta 0, 1) vs ancestral-1000 on it")
@@ -455,7 +481,8 @@ def main(argv=None) -> None:
     result = run_benchmark(args.families, torch.device(args.device), args.batch_size, args.batches, args.repeats,
                            args.sample_n, args.cache_dir, args.fid_dim,
                            fast_paths=(list(FAST_PATHS) if args.fast_paths == [] else args.fast_paths),
-                           fast_family=args.fast_family, peak_tflops=args.peak_tflops,
+                           fast_family=args.fast_family, peak_tflops=args.peak_tflops, fast_repeats=args.fast_repeats,
+                           train_threads=args.threads,
                            sampler_fid_run=args.sampler_fid_run, sampler_fid_n=args.sampler_fid_n,
                            sampler_fid_out=args.out / "sampler_fid")
     args.out.mkdir(parents=True, exist_ok=True)

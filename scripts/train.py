@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,10 @@ from metrics.callback import EvaluationCallback
 from metrics.results import RESULTS_FILE, write_json
 
 log = logging.getLogger(__name__)
+
+# Our training order resumes mid-epoch exactly (datamodules/sampler.py skips the batches done),
+# which Lightning cannot see from the DataLoader; its warning would say the opposite.
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 class CheckpointError(RuntimeError):

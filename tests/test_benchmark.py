@@ -7,12 +7,15 @@ from scripts.benchmark import main
 
 def test_benchmark_writes_json_and_markdown(tmp_path, shared_cache):
     main(["--quick", "--families", "gan", "--fid-dim", "128", "--sample-n", "4", "--out", str(tmp_path),
-          "--cache-dir", str(shared_cache)])
+          "--cache-dir", str(shared_cache), "--fast-paths", "fused Adam", "--fast-repeats", "1", "--batches", "4"])
     result = json.loads((tmp_path / "benchmark.json").read_text())
     (row,) = result["training"]
     assert row["family"] == "gan" and row["genbench_img_s"] > 0 and row["bare_img_s"] > 0
     assert result["fid_vs_sqrtm"]["rel_diff"] < 1e-6
     assert result["evaluation"]["extractor_passes_per_image"] == 1.0
-    assert result["evaluation"]["real_image_passes_second"] == 0
+    assert result["evaluation"]["real_image_passes_first"] > 0      # a cold reference cache ...
+    assert result["evaluation"]["real_image_passes_second"] == 0    # ... then none
+    head, default, fused = result["fast_paths"]
+    assert head["gflop_per_image"] > 0 and default["vs_default"] == 1.0 and fused["img_s"] > 0
     assert [s["nfe"] for s in result["sampling"]] == [1000, 100, 50, 20, 10]
     assert "| gan |" in (tmp_path / "benchmark.md").read_text()

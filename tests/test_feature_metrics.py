@@ -34,6 +34,18 @@ def test_fid_equals_scipy_sqrtm_formula(features):
     assert ours == pytest.approx(scipy_fid(fake, real), rel=1e-6)
 
 
+def test_fid_with_a_rank_deficient_covariance_equals_scipy():
+    """Fewer samples than dimensions: S1 is singular, the Cholesky factor does not exist and the
+    eigendecomposition path is taken; scipy's sqrtm still agrees."""
+    rng = np.random.default_rng(1)
+    few = rng.normal(size=(20, 32))                 # rank 19 < 32
+    many = rng.normal(size=(400, 32)) * 1.2 + 0.1
+    mu1, s1 = mean_cov(torch.from_numpy(few))
+    mu2, s2 = mean_cov(torch.from_numpy(many))
+    assert int(torch.linalg.cholesky_ex(s1).info) != 0
+    assert float(frechet_distance(mu1, s1, mu2, s2)) == pytest.approx(scipy_fid(few, many), rel=1e-6)
+
+
 def test_fid_metric_streaming_equals_torchmetrics(features):
     from torchmetrics.image.fid import FrechetInceptionDistance
 
