@@ -7,6 +7,7 @@ subclassing :class:`GenerativeModule`.
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from typing import Any, Callable, Literal, Sequence
 
 import pytorch_lightning as pl
@@ -14,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from models.rng import rng_states, set_rng_states
+from models.rng import isolated_rng, rng_states, set_rng_states
 
 LikelihoodKind = Literal["exact", "elbo"] | None
 
@@ -239,8 +240,8 @@ class GenerativeModule(pl.LightningModule):
         self._rng_to_restore = None
 
     def on_validation_epoch_start(self) -> None:
-        self._rng_outside_validation = rng_states()
-        torch.manual_seed(self.validation_seed + self.global_rank)
+        self._validation_rng = ExitStack()
+        self._validation_rng.enter_context(isolated_rng(self.validation_seed + self.global_rank))
 
     def on_validation_epoch_end(self) -> None:
-        set_rng_states(self._rng_outside_validation)
+        self._validation_rng.close()  # the training stream continues as if validation drew nothing
