@@ -108,8 +108,8 @@ class GenerativeModule(pl.LightningModule):
         self.image_shape = tuple(int(s) for s in image_shape)
         #: the composed run config, stored in every checkpoint so a checkpoint is self-describing
         self.run_config: dict | None = None
-        #: per loss name, the first step its value was non-finite (-1: never), kept on the device
-        self._first_nonfinite: dict[str, Tensor] = {}
+        #: per loss name, (step, loss on the device) of the steps since the last NaN check
+        self._unchecked_losses: dict[str, list[tuple[int, Tensor]]] = {}
 
     # ---------------------------------------------------------------- the interface
     @torch.no_grad()
@@ -180,21 +180,25 @@ class GenerativeModule(pl.LightningModule):
                      batch_size=batch_size)
 
     def check_finite_loss(self, loss: Tensor, name: str = "loss") -> None:
-        """Record, on the device (no host sync), the first step whose ``loss`` is NaN/inf; raise at
-        the next logging step or before the next checkpoint is written, whichever comes first,
-        so a diverged model is never saved over the last good checkpoint."""
-        first = self._first_nonfinite.get(name)
-        if first is None:
-            first = torch.full((), -1, dtype=torch.long, device=loss.device)
-        bad = ~torch.isfinite(loss.detach()).all()
-        self._first_nonfinite[name] = torch.where(bad & (first < 0), self.global_step, first)
+        """Queue ``loss`` for the NaN/inf check, which runs at the next logging step or before the
+        next checkpoint is written, whichever comes first, so a diverged model is never saved over
+        the last good checkpoint. Queueing is free (no device op, no host sync); the check is one
+        stacked ``isfinite`` (per step, the few tiny tensor ops of a running flag cost ~0.1 ms on a
+        CPU: 1% of a small model's step)."""
+        self._unchecked_losses.setdefault(name, []).append((self.global_step, loss.detach()))
         if self.is_logging_step():
             self.raise_on_nonfinite_loss()
 
     def raise_on_nonfinite_loss(self) -> None:
         """Stop on NaN/inf, on every rank at once (a rank raising alone would hang DDP)."""
-        for name, first in self._first_nonfinite.items():
-            step = int(first)  # the host sync, at logging steps and checkpoints only
+        for name in sorted(self._unchecked_losses):  # the same order on every rank
+            queued = self._unchecked_losses[name]
+            step = -1
+            if queued:
+                finite = torch.isfinite(torch.stack([loss.float().sum() for _, loss in queued]))
+                bad = torch.nonzero(~finite).flatten().tolist()  # the host sync: logging steps and checkpoints only
+                step = queued[bad[0]][0] if bad else -1
+                queued.clear()
             bad = step >= 0
             if self._trainer is not None:
                 bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import statistics
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +35,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import scripts  # noqa: F401  (resolvers)
+from models.fast_paths import keep_freed_cpu_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,7 +228,11 @@ FAST_PATHS = {
     "fp16 autocast": ("trainer.precision=16-mixed",),
     "channels_last": ("callbacks.fast_paths.channels_last=true",),
     "torch.compile": ("callbacks.fast_paths.compile=true",),
+    "glibc malloc defaults (cpu_malloc_cache=false)": ("callbacks.fast_paths.cpu_malloc_cache=false",),
 }
+#: switches of process-wide state that no later measurement could undo: each repeat of these, and
+#: of the default they are compared with, runs in a fresh interpreter
+FRESH_PROCESS = {"glibc malloc defaults (cpu_malloc_cache=false)"}
 #: dense bf16 tensor-core peaks (TFLOP/s) for the MFU
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -242,15 +249,33 @@ def training_flops_per_image(family: str, device, batch_size: int) -> float:
     return counter.get_total_flops() / batch_size
 
 
+def _throughput_in_child(threads: int, args: tuple, kwargs: dict) -> float:
+    torch.set_num_threads(threads)
+    return genbench_throughput(*args, **kwargs)
+
+
+def fresh_process_throughput(*args, **kwargs) -> float:
+    """:func:`genbench_throughput` in a newly spawned interpreter (default allocator, no compiled
+    kernels, nothing left over from earlier measurements), with this process's thread count."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_throughput_in_child, torch.get_num_threads(), args, kwargs).result()
+
+
 def fast_path_table(family: str, device, batch_size: int, batches: int, repeats: int, names: list[str],
                     peak_tflops: float | None) -> list[dict]:
     flops = training_flops_per_image(family, device, batch_size)
     runs: dict[str, list[float]] = {name: [] for name in names}
+    fresh_default: dict[str, list[float]] = {name: [] for name in names if name in FRESH_PROCESS}
     for _ in range(repeats):  # interleaved, so a drift of the machine hits every switch alike
         for name in names:
             # compile: its first steps compile; give it more warm-up
-            runs[name].append(genbench_throughput(family, device, batch_size, batches, FAST_PATHS[name],
-                                                  warmup=10 if "compile" in name else 3))
+            args = (family, device, batch_size, batches, FAST_PATHS[name])
+            kwargs = {"warmup": 10 if "compile" in name else 3}
+            if name in FRESH_PROCESS:
+                fresh_default[name].append(fresh_process_throughput(*args[:4], **kwargs))
+                runs[name].append(fresh_process_throughput(*args, **kwargs))
+            else:
+                runs[name].append(genbench_throughput(*args, **kwargs))
     rows = []
     for name in names:
         img_s = statistics.median(runs[name])
@@ -259,7 +284,11 @@ def fast_path_table(family: str, device, batch_size: int, batches: int, repeats:
                      "model_tflop_s": tflops, "mfu": tflops / peak_tflops if peak_tflops else None})
         print(f"fast path {name}: {img_s:.0f} img/s", flush=True)
     for row in rows:  # median of the per-repeat ratios to the default measured in the same round
-        row["vs_default"] = statistics.median(a / b for a, b in zip(row["all"], rows[0]["all"]))
+        fresh = row["fast_path"] in FRESH_PROCESS
+        default = fresh_default[row["fast_path"]] if fresh else rows[0]["all"]
+        row["vs_default"] = statistics.median(a / b for a, b in zip(row["all"], default))
+        if fresh:
+            row["default_fresh_process"] = default
     return [{"family": family, "gflop_per_image": flops / 1e9, "peak_tflops": peak_tflops}] + rows
 
 
@@ -371,12 +400,15 @@ def run_benchmark(families: list[str], device: torch.device, batch_size: int, ba
                   sampler_fid_run: Path | None = None,
                   sampler_fid_n: int = 1000, sampler_fid_out: Path = ROOT / "logs" / "benchmark") -> dict:
     torch.manual_seed(0)
+    # the bare loop runs under the allocator genbench's default config sets (the setting is process-wide)
+    cpu_malloc_cache = device.type == "cpu" and bool(compose_cfg([]).callbacks.fast_paths.cpu_malloc_cache) \
+        and keep_freed_cpu_memory()
     default_threads = torch.get_num_threads()
     if train_threads:
         torch.set_num_threads(train_threads)
     out: dict = {"machine": {"device": str(device), "cpu_threads": default_threads,
                              "train_threads": torch.get_num_threads(), "platform": platform.platform(),
-                             "torch": torch.__version__,
+                             "torch": torch.__version__, "cpu_malloc_cache": cpu_malloc_cache,
                              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
                  "settings": {"batch_size": batch_size, "batches": batches, "repeats": repeats,
                               "fast_repeats": fast_repeats}, "training": []}
@@ -417,7 +449,8 @@ def run_benchmark(families: list[str], device: torch.device, batch_size: int, ba
 def to_markdown(r: dict) -> str:
     m = r["machine"]
     lines = [f"Machine: {m['device']} ({m['gpu'] or platform.processor() or 'cpu'}), {m['cpu_threads']} threads "
-             f"({m.get('train_threads', m['cpu_threads'])} for the training rows), torch {m['torch']}",
+             f"({m.get('train_threads', m['cpu_threads'])} for the training rows), torch {m['torch']}"
+             + ("; both loops with glibc malloc keeping freed memory (cpu_malloc_cache)" if m.get("cpu_malloc_cache") else ""),
              "", "| family | genbench img/s | bare img/s | ratio (median of pairs) | peak MB (genbench / bare) |",
              "|---|---|---|---|---|"]
     for t in r["training"]:
