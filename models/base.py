@@ -171,11 +171,14 @@ class GenerativeModule(pl.LightningModule):
         last = 0 < trainer.max_steps <= self.global_step + 2
         return batch == 0 or (batch + 1) % every == 0 or last
 
-    def log_train(self, scalars: dict[str, Tensor], batch_size: int, prog_bar: Sequence[str] = ("train/loss",)) -> None:
-        """Log training scalars on logging steps only (see :meth:`is_logging_step`)."""
+    def log_train(self, scalars: dict[str, Tensor] | Callable[[], dict[str, Tensor]], batch_size: int,
+                  prog_bar: Sequence[str] = ("train/loss",)) -> None:
+        """Log training scalars on logging steps only (see :meth:`is_logging_step`). ``scalars`` may
+        be a function returning them, so that scalars computed only for the log cost nothing on
+        the other steps."""
         if not self.is_logging_step():
             return
-        for name, value in scalars.items():
+        for name, value in (scalars() if callable(scalars) else scalars).items():
             self.log(name, value.detach(), prog_bar=name in prog_bar, on_step=True, on_epoch=False,
                      batch_size=batch_size)
 

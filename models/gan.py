@@ -102,7 +102,7 @@ class GAN(GenerativeModule):
         self.check_finite_loss(g_loss, "generator loss")
         self._step(g_opt, g_loss)
         self.ema.update(self.generator)
-        self.log_train({"train/g_loss": g_loss, "train/loss": g_loss + d_loss}, b, prog_bar=("train/g_loss",))
+        self.log_train(lambda: {"train/g_loss": g_loss, "train/loss": g_loss + d_loss}, b, prog_bar=("train/g_loss",))
 
     def validation_step(self, batch, batch_idx: int) -> None:
         real = batch[0] * 2.0 - 1.0

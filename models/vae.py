@@ -91,7 +91,7 @@ class VAE(GenerativeModule):
         beta = min(1.0, self.global_step / self.kl_warmup_steps) if self.kl_warmup_steps else 1.0
         loss = (kl * beta - rec).mean() / self.num_dims                       # nats per dim
         self.check_finite_loss(loss)
-        self.log_train({"train/loss": loss, "train/elbo_bpd": (kl - rec).mean() / (self.num_dims * math.log(2))},
+        self.log_train(lambda: {"train/loss": loss, "train/elbo_bpd": (kl - rec).mean() / (self.num_dims * math.log(2))},
                        x.shape[0])
         return loss
 

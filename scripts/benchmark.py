@@ -150,8 +150,8 @@ def bare_step_fn(family: str, model, device):
     return step, 1
 
 
-def bare_throughput(family: str, device, batch_size: int, batches: int) -> float:
-    _, dm, model = build(family, device, batch_size)
+def bare_throughput(family: str, device, batch_size: int, batches: int, overrides: tuple[str, ...] = ()) -> float:
+    _, dm, model = build(family, device, batch_size, overrides)
     model.train()
     step, _ = bare_step_fn(family, model, device)
     data = []
@@ -237,11 +237,11 @@ FRESH_PROCESS = {"glibc malloc defaults (cpu_malloc_cache=false)"}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def training_flops_per_image(family: str, device, batch_size: int) -> float:
+def training_flops_per_image(family: str, device, batch_size: int, overrides: tuple[str, ...] = ()) -> float:
     """Model FLOPs of one training step per image (forward + backward, counted by
     torch.utils.flop_counter on the real step; optimizer and EMA excluded, as MFU counts them)."""
     from torch.utils.flop_counter import FlopCounterMode
-    _, dm, model = build(family, device, batch_size)
+    _, dm, model = build(family, device, batch_size, overrides)
     x = next(iter(dm.train_dataloader()))[0].to(device)
     step, _ = bare_step_fn(family, model, device)
     with FlopCounterMode(display=False) as counter:
@@ -262,17 +262,17 @@ def fresh_process_throughput(*args, **kwargs) -> float:
 
 
 def fast_path_table(family: str, device, batch_size: int, batches: int, repeats: int, names: list[str],
-                    peak_tflops: float | None) -> list[dict]:
-    flops = training_flops_per_image(family, device, batch_size)
+                    peak_tflops: float | None, data: tuple[str, ...] = ()) -> list[dict]:
+    flops = training_flops_per_image(family, device, batch_size, data)
     runs: dict[str, list[float]] = {name: [] for name in names}
     fresh_default: dict[str, list[float]] = {name: [] for name in names if name in FRESH_PROCESS}
     for _ in range(repeats):  # interleaved, so a drift of the machine hits every switch alike
         for name in names:
             # compile: its first steps compile; give it more warm-up
-            args = (family, device, batch_size, batches, FAST_PATHS[name])
+            args = (family, device, batch_size, batches, (*data, *FAST_PATHS[name]))
             kwargs = {"warmup": 10 if "compile" in name else 3}
             if name in FRESH_PROCESS:
-                fresh_default[name].append(fresh_process_throughput(*args[:4], **kwargs))
+                fresh_default[name].append(fresh_process_throughput(*args[:4], data, **kwargs))
                 runs[name].append(fresh_process_throughput(*args, **kwargs))
             else:
                 runs[name].append(genbench_throughput(*args, **kwargs))
@@ -396,10 +396,12 @@ def sampler_fid(run_dir: Path, num_samples: int, cache_dir: Path, out: Path) -> 
 def run_benchmark(families: list[str], device: torch.device, batch_size: int, batches: int, repeats: int,
                   sample_n: int, cache_dir: Path, fid_dim: int = 2048, fast_paths: list[str] | None = None,
                   fast_family: str = "ddpm", peak_tflops: float | None = None, fast_repeats: int = 3,
-                  train_threads: int | None = None,
+                  train_threads: int | None = None, image_size: int | None = None, training_only: bool = False,
                   sampler_fid_run: Path | None = None,
                   sampler_fid_n: int = 1000, sampler_fid_out: Path = ROOT / "logs" / "benchmark") -> dict:
     torch.manual_seed(0)
+    # digits resized (bilinear) to another resolution, e.g. 32: CIFAR-10's, where the step is the papers' size
+    data = (f"datamodule.image_size={image_size}",) if image_size else ()
     # the bare loop runs under the allocator genbench's default config sets (the setting is process-wide)
     cpu_malloc_cache = device.type == "cpu" and bool(compose_cfg([]).callbacks.fast_paths.cpu_malloc_cache) \
         and keep_freed_cpu_memory()
@@ -411,14 +413,15 @@ def run_benchmark(families: list[str], device: torch.device, batch_size: int, ba
                              "torch": torch.__version__, "cpu_malloc_cache": cpu_malloc_cache,
                              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
                  "settings": {"batch_size": batch_size, "batches": batches, "repeats": repeats,
+                              "image_size": image_size or int(compose_cfg([]).datamodule.image_size),
                               "fast_repeats": fast_repeats}, "training": []}
     for family in families:
         bare, ours, peaks = [], [], {}
         for _ in range(repeats):   # interleaved so drifts hit both sides alike
             with PeakMemory(device) as m_bare:
-                bare.append(bare_throughput(family, device, batch_size, batches))
+                bare.append(bare_throughput(family, device, batch_size, batches, data))
             with PeakMemory(device) as m_ours:
-                ours.append(genbench_throughput(family, device, batch_size, batches))
+                ours.append(genbench_throughput(family, device, batch_size, batches, data))
             peaks = {"bare_peak_mb": m_bare.peak_mb, "genbench_peak_mb": m_ours.peak_mb}
         # the median of back-to-back pair ratios: robust to the slow drifts of a shared machine
         pair_ratios = [o / b for o, b in zip(ours, bare)]
@@ -432,8 +435,11 @@ def run_benchmark(families: list[str], device: torch.device, batch_size: int, ba
         if peak_tflops is None and device.type == "cuda":
             peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
         out["fast_paths"] = fast_path_table(fast_family, device, batch_size, batches, fast_repeats,
-                                            ["default", *[n for n in fast_paths if n != "default"]], peak_tflops)
+                                            ["default", *[n for n in fast_paths if n != "default"]], peak_tflops,
+                                            data)
     torch.set_num_threads(default_threads)
+    if training_only:
+        return out
     with PeakMemory(device) as mem:
         out["fid_vs_sqrtm"] = fid_vs_sqrtm(fid_dim, 2 * fid_dim)
     out["fid_vs_sqrtm"]["peak_mb"] = mem.peak_mb
@@ -451,6 +457,9 @@ def to_markdown(r: dict) -> str:
     lines = [f"Machine: {m['device']} ({m['gpu'] or platform.processor() or 'cpu'}), {m['cpu_threads']} threads "
              f"({m.get('train_threads', m['cpu_threads'])} for the training rows), torch {m['torch']}"
              + ("; both loops with glibc malloc keeping freed memory (cpu_malloc_cache)" if m.get("cpu_malloc_cache") else ""),
+             f"Training rows: digits at {r['settings'].get('image_size', 8)}x{r['settings'].get('image_size', 8)}, "
+             f"batch {r['settings']['batch_size']}, median step of {r['settings']['batches']} batches, "
+             f"{r['settings']['repeats']} repeats (genbench and bare back to back)",
              "", "| family | genbench img/s | bare img/s | ratio (median of pairs) | peak MB (genbench / bare) |",
              "|---|---|---|---|---|"]
     for t in r["training"]:
@@ -465,6 +474,8 @@ def to_markdown(r: dict) -> str:
             mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
             lines.append(f"| {row['fast_path']} | {row['img_s']:.0f} | {row['vs_default']:.3f} | "
                          f"{row['model_tflop_s']:.4f} | {mfu} |")
+    if "fid_vs_sqrtm" not in r:   # --training-only
+        return "\n".join(lines) + "\n"
     f = r["fid_vs_sqrtm"]
     e = r["evaluation"]
     lines += ["", f"FID at {f['dim']} dims: {f['seconds_ours']:.2f} s (eigenvalue form) vs {f['seconds_sqrtm']:.2f} s "
@@ -493,6 +504,9 @@ def main(argv=None) -> None:
                         "shared CPU machine); evaluation and sampling use the default")
     p.add_argument("--families", nargs="+", default=["gan", "vae", "realnvp", "ddpm"])
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize the digits for the training rows (default: their 8x8; 32 = CIFAR-10's resolution)")
+    p.add_argument("--training-only", action="store_true", help="training and fast-path rows only")
     p.add_argument("--batches", type=int, default=40)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sample-n", type=int, default=64)
@@ -515,7 +529,7 @@ def main(argv=None) -> None:
                            args.sample_n, args.cache_dir, args.fid_dim,
                            fast_paths=(list(FAST_PATHS) if args.fast_paths == [] else args.fast_paths),
                            fast_family=args.fast_family, peak_tflops=args.peak_tflops, fast_repeats=args.fast_repeats,
-                           train_threads=args.threads,
+                           train_threads=args.threads, image_size=args.image_size, training_only=args.training_only,
                            sampler_fid_run=args.sampler_fid_run, sampler_fid_n=args.sampler_fid_n,
                            sampler_fid_out=args.out / "sampler_fid")
     args.out.mkdir(parents=True, exist_ok=True)
