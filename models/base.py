@@ -102,12 +102,18 @@ class GenerativeModule(pl.LightningModule):
     #: some backward passes leave parameters without gradients (a GAN's D step never reaches G):
     #: DDP must then look for unused parameters (train() picks the matching strategy)
     ddp_find_unused_parameters: bool = False
+    #: optimizer steps (Lightning global steps) one batch may take: finds the last batch
+    max_optimizer_steps_per_batch: int = 1
 
     def __init__(self, image_shape: Sequence[int]):
         super().__init__()
         self.image_shape = tuple(int(s) for s in image_shape)
         #: the composed run config, stored in every checkpoint so a checkpoint is self-describing
         self.run_config: dict | None = None
+        #: training losses as host floats, taken at logging steps, for the progress bar
+        self.progress_scalars: dict[str, float] = {}
+        self._logging_step_key: tuple[int, int] | None = None
+        self._logging_step = True
         #: per loss name, (step, loss on the device) of the steps since the last NaN check
         self._unchecked_losses: dict[str, list[tuple[int, Tensor]]] = {}
 
@@ -162,25 +168,37 @@ class GenerativeModule(pl.LightningModule):
         """The steps on which training scalars are logged and the NaN check synchronises: the
         first, every ``trainer.log_every_n_steps``-th batch (when Lightning writes its loggers) and
         the last. Each ``self.log`` costs ~0.7 ms of Lightning bookkeeping and a host sync is a
-        pipeline stall on a GPU, against a few ms for a small network's whole step."""
+        pipeline stall on a GPU, against a few ms for a small network's whole step. Decided once
+        per batch, at its first call, so every call within a batch (and a callback's at the batch
+        start) gets the same answer."""
         trainer = self._trainer
         if trainer is None:
             return True
         batch = trainer.fit_loop.total_batch_idx
-        every = max(int(trainer.log_every_n_steps), 1)
-        last = 0 < trainer.max_steps <= self.global_step + 2
-        return batch == 0 or (batch + 1) % every == 0 or last
+        key = (id(trainer), batch)
+        if self._logging_step_key != key:
+            every = max(int(trainer.log_every_n_steps), 1)
+            last = 0 < trainer.max_steps <= self.global_step + self.max_optimizer_steps_per_batch
+            self._logging_step_key = key
+            self._logging_step = batch == 0 or (batch + 1) % every == 0 or last
+        return self._logging_step
 
     def log_train(self, scalars: dict[str, Tensor] | Callable[[], dict[str, Tensor]], batch_size: int,
                   prog_bar: Sequence[str] = ("train/loss",)) -> None:
         """Log training scalars on logging steps only (see :meth:`is_logging_step`). ``scalars`` may
         be a function returning them, so that scalars computed only for the log cost nothing on
-        the other steps."""
+        the other steps. The ``prog_bar`` ones are also copied to the host here, in one transfer,
+        for :class:`models.progress.TrainingProgressBar` (Lightning's own progress-bar path would
+        copy them again at every later step of the epoch)."""
         if not self.is_logging_step():
             return
-        for name, value in (scalars() if callable(scalars) else scalars).items():
-            self.log(name, value.detach(), prog_bar=name in prog_bar, on_step=True, on_epoch=False,
-                     batch_size=batch_size)
+        values = {name: value.detach() for name, value in (scalars() if callable(scalars) else scalars).items()}
+        for name, value in values.items():
+            self.log(name, value, on_step=True, on_epoch=False, batch_size=batch_size)
+        shown = [name for name in values if name in prog_bar]
+        if shown:
+            host = torch.stack([values[name].float().reshape(()) for name in shown]).tolist()
+            self.progress_scalars.update(zip(shown, host))
 
     def check_finite_loss(self, loss: Tensor, name: str = "loss") -> None:
         """Queue ``loss`` for the NaN/inf check, which runs at the next logging step or before the

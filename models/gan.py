@@ -44,6 +44,7 @@ class GAN(GenerativeModule):
     family = "gan"
     likelihood_kind = None
     ddp_find_unused_parameters = True  # the D step's backward never reaches G
+    max_optimizer_steps_per_batch = 2  # a D step and at most one G step
 
     def __init__(self, generator: nn.Module, discriminator: nn.Module, g_optimizer: Callable, d_optimizer: Callable,
                  image_shape: Sequence[int], loss: str = "nonsaturating", n_critic: int = 1,
