@@ -33,7 +33,8 @@ def keep_freed_cpu_memory(mmap_threshold: int = MAX_MMAP_THRESHOLD, trim_thresho
     mmap, returns them with munmap when freed, and trims the top of the heap above
     M_TRIM_THRESHOLD. A CPU training step frees its activations and allocates them again in the
     next step, so every step page-faults its working memory back in: 300 (GAN) to 2,400 (VAE)
-    minor faults per digits step here, 10-17% of the step. With both thresholds raised, freed
+    minor faults per digits step in the runs measured here (the count depends on where the
+    blocks land, run to run), 10-17% of the step. With both thresholds raised, freed
     blocks are reused (what jemalloc and tcmalloc do; PyTorch's CPU performance guide recommends
     them for this reason). Blocks above ``mmap_threshold`` (at most 32 MiB) are still mmapped.
 
