@@ -272,7 +272,7 @@ def fast_path_table(family: str, device, batch_size: int, batches: int, repeats:
             args = (family, device, batch_size, batches, (*data, *FAST_PATHS[name]))
             kwargs = {"warmup": 10 if "compile" in name else 3}
             if name in FRESH_PROCESS:
-                fresh_default[name].append(fresh_process_throughput(*args[:4], data, **kwargs))
+                fresh_default[name].append(fresh_process_throughput(family, device, batch_size, batches, data, **kwargs))
                 runs[name].append(fresh_process_throughput(*args, **kwargs))
             else:
                 runs[name].append(genbench_throughput(*args, **kwargs))
@@ -402,8 +402,9 @@ def run_benchmark(families: list[str], device: torch.device, batch_size: int, ba
     torch.manual_seed(0)
     # digits resized (bilinear) to another resolution, e.g. 32: CIFAR-10's, where the step is the papers' size
     data = (f"datamodule.image_size={image_size}",) if image_size else ()
+    defaults = compose_cfg([])
     # the bare loop runs under the allocator genbench's default config sets (the setting is process-wide)
-    cpu_malloc_cache = device.type == "cpu" and bool(compose_cfg([]).callbacks.fast_paths.cpu_malloc_cache) \
+    cpu_malloc_cache = device.type == "cpu" and bool(defaults.callbacks.fast_paths.cpu_malloc_cache) \
         and keep_freed_cpu_memory()
     default_threads = torch.get_num_threads()
     if train_threads:
@@ -413,7 +414,7 @@ def run_benchmark(families: list[str], device: torch.device, batch_size: int, ba
                              "torch": torch.__version__, "cpu_malloc_cache": cpu_malloc_cache,
                              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
                  "settings": {"batch_size": batch_size, "batches": batches, "repeats": repeats,
-                              "image_size": image_size or int(compose_cfg([]).datamodule.image_size),
+                              "image_size": image_size or int(defaults.datamodule.image_size),
                               "fast_repeats": fast_repeats}, "training": []}
     for family in families:
         bare, ours, peaks = [], [], {}

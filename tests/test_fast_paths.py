@@ -169,3 +169,20 @@ def test_no_host_sync_between_logging_steps(family, monkeypatch, tmp_path):
     assert trainer.fit_loop.total_batch_idx == 24
     assert syncs == []
     assert set(model.progress_scalars)   # the progress bar got its host copies at the logging steps
+
+
+def test_nan_check_reports_a_transient_nan_at_its_step(monkeypatch):
+    """A loss that is NaN at one step and finite again before the next logging step is still
+    caught by the queued check, and the message names the step it happened at."""
+    from models.base import GenerativeModule
+
+    module = GenerativeModule((1, 8, 8))
+    step = {"now": 0}
+    monkeypatch.setattr(GenerativeModule, "global_step", property(lambda self: step["now"]))
+    monkeypatch.setattr(module, "is_logging_step", lambda: False)
+    for step["now"], value in enumerate([0.5, 0.4, float("nan"), 0.3, 0.2]):
+        module.check_finite_loss(torch.tensor(value))
+    with pytest.raises(FloatingPointError, match="non-finite training loss at step 2 "):
+        module.raise_on_nonfinite_loss()
+    module.check_finite_loss(torch.tensor(0.1))   # the queue was emptied by the check
+    module.raise_on_nonfinite_loss()
