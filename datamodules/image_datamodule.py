@@ -109,6 +109,15 @@ class ImageDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Batches of the in-memory loader are made on the device: pass them through instead of
+        Lightning's generic walk over the batch, which moves each tensor of any nested collection
+        (~0.05 ms of Python per step on a CPU; 1.5% of the digits GAN's step together with the
+        plain backward of models/base.py)."""
+        if isinstance(batch, (tuple, list)) and all(isinstance(t, torch.Tensor) and t.device == device for t in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def train_dataloader(self) -> DataLoader | InMemoryLoader:
         ds = self.split("train")
         if self.in_memory and isinstance(ds, TensorImageDataset):

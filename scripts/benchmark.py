@@ -6,8 +6,10 @@
 
 Measures, side by side:
   - training throughput (images/s) of each family through genbench (Lightning Trainer, the
-    real module and datamodule) vs a bare PyTorch loop of the same networks, batch, optimizer and
-    loss; median of repeats and the ratio;
+    real module and datamodule) vs a bare PyTorch loop of the same networks, batch, optimizer,
+    loss and data loader; on the CPU the two run interleaved step by step in one process (a
+    bare step at the start of every genbench batch), so the drifts of a shared machine hit both
+    alike; on a GPU as back-to-back runs (a per-step sync would hide genbench's asynchrony);
   - evaluation: extractor passes per generated image for the full metric set, FID from features
     vs scipy.linalg.sqrtm at 2048 dims (time ratio, values), real-image passes of a second
     evaluation against a cached reference;
@@ -18,8 +20,10 @@ Writes benchmark.json and benchmark.md into --out.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing
+import os
 import platform
 import statistics
 import threading
@@ -27,6 +31,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import hydra
 import numpy as np
@@ -35,7 +40,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 import scripts  # noqa: F401  (resolvers)
-from models.fast_paths import keep_freed_cpu_memory
+from models.fast_paths import NVML_CHECK_FLAG, keep_freed_cpu_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,22 +155,52 @@ def bare_step_fn(family: str, model, device):
     return step, 1
 
 
-def bare_throughput(family: str, device, batch_size: int, batches: int, overrides: tuple[str, ...] = ()) -> float:
+@contextmanager
+def as_plain_pytorch():
+    """The bare loop runs as a script that imports only torch would: without the
+    PYTORCH_NVML_BASED_CUDA_CHECK=1 that importing Lightning sets (it changes what every
+    optimizer step costs; see models.fast_paths.skip_missing_nvml_probe)."""
+    flag = os.environ.pop(NVML_CHECK_FLAG, None)
+    try:
+        yield
+    finally:
+        if flag is not None:
+            os.environ[NVML_CHECK_FLAG] = flag
+
+
+def bare_batches(dm, device) -> Iterator[torch.Tensor]:
+    """What a hand-written loop iterates: the datamodule's training loader, epoch after epoch
+    (digits has ~10 batches per epoch), each batch moved to the device."""
+    loader = dm.train_dataloader()
+    for epoch in itertools.count():
+        sampler = getattr(loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        for x, _ in loader:
+            yield x.to(device, non_blocking=True)
+
+
+def bare_loop(family: str, device, batch_size: int, overrides: tuple[str, ...] = ()) -> Callable[[], None]:
+    """One bare step on the next batch, per call (its own networks, optimizer and data order)."""
     _, dm, model = build(family, device, batch_size, overrides)
     model.train()
     step, _ = bare_step_fn(family, model, device)
-    data = []
-    while len(data) < batches + 3:   # cycle the loader: digits has ~10 batches per epoch
-        data += [x.to(device) for x, _ in dm.train_dataloader()]
-    for x in data[:3]:   # warm-up
-        step(x)
-    stamps = []
-    for x in data[3:3 + batches]:
+    batches = bare_batches(dm, device)
+    return lambda: step(next(batches))
+
+
+def bare_throughput(family: str, device, batch_size: int, batches: int, overrides: tuple[str, ...] = ()) -> float:
+    next_step = bare_loop(family, device, batch_size, overrides)
+    with as_plain_pytorch():
+        for _ in range(3):   # warm-up
+            next_step()
+        stamps = []
+        for _ in range(batches):
+            _sync(device)
+            stamps.append(time.perf_counter())
+            next_step()
         _sync(device)
         stamps.append(time.perf_counter())
-        step(x)
-    _sync(device)
-    stamps.append(time.perf_counter())
     return throughput_from_stamps(stamps, batch_size)
 
 
@@ -199,20 +234,61 @@ class _Timer(pl.Callback):
         return throughput_from_stamps(self.stamps, self.batch_size)
 
 
-def genbench_throughput(family: str, device, batch_size: int, batches: int, overrides: tuple[str, ...] = (),
-                        warmup: int = 3) -> float:
+class _InterleavedBareStep(pl.Callback):
+    """At the start of every genbench batch, one bare step (``bare_loop``), timed. The genbench
+    batch is then everything from the end of that bare step to the start of the next one:
+    Lightning's whole loop (data fetch, hooks, training_step, bookkeeping)."""
+
+    def __init__(self, next_bare_step: Callable[[], None], warmup: int):
+        self.next_bare_step, self.warmup = next_bare_step, warmup
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        with as_plain_pytorch():
+            self.starts.append(time.perf_counter())
+            self.next_bare_step()
+            self.ends.append(time.perf_counter())
+
+    def on_train_end(self, trainer, pl_module):
+        self.starts.append(time.perf_counter())
+
+    def step_times(self) -> tuple[np.ndarray, np.ndarray]:
+        """(bare, genbench) seconds of each step pair after the warm-up."""
+        starts, ends = np.array(self.starts), np.array(self.ends)
+        return (ends - starts[:-1])[self.warmup:], (starts[1:] - ends)[self.warmup:]
+
+
+def fit_genbench(family: str, device, batch_size: int, batches: int, overrides: tuple[str, ...],
+                 timers: list[pl.Callback]) -> None:
     """The real module, datamodule, fast-path callback and precision of the composed config."""
     cfg, dm, model = build(family, device, batch_size, overrides)
-    steps_per_batch = 2 if family == "gan" else 1   # Lightning's global_step counts both GAN optimizers
-    timer = _Timer(warmup, device)
+    steps_per_batch = model.max_optimizer_steps_per_batch   # Lightning's global_step counts both GAN optimizers
     fast = hydra.utils.instantiate(cfg.callbacks.fast_paths)
     trainer = pl.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         max_steps=(batches + warmup) * steps_per_batch, limit_val_batches=0, num_sanity_val_steps=0,
-                         callbacks=[timer, fast], precision=cfg.trainer.precision,
+                         max_steps=batches * steps_per_batch, limit_val_batches=0, num_sanity_val_steps=0,
+                         callbacks=[*timers, fast], precision=cfg.trainer.precision,
                          log_every_n_steps=cfg.trainer.log_every_n_steps)
     trainer.fit(model, datamodule=dm)
+
+
+def genbench_throughput(family: str, device, batch_size: int, batches: int, overrides: tuple[str, ...] = (),
+                        warmup: int = 3) -> float:
+    timer = _Timer(warmup, device)
+    fit_genbench(family, device, batch_size, batches + warmup, overrides, [timer])
     return timer.throughput()
+
+
+def interleaved_throughput(family: str, device, batch_size: int, batches: int, overrides: tuple[str, ...] = (),
+                           warmup: int = 3) -> dict:
+    """genbench and the bare loop step by step in one process (CPU): images/s of each from its
+    median step, and the median over steps of the per-pair ratio bare time / genbench time."""
+    paired = _InterleavedBareStep(bare_loop(family, device, batch_size, overrides), warmup)
+    fit_genbench(family, device, batch_size, batches + warmup, overrides, [paired])
+    bare, ours = paired.step_times()
+    return {"bare_img_s": batch_size / float(np.median(bare)), "genbench_img_s": batch_size / float(np.median(ours)),
+            "ratio": float(np.median(bare / ours))}
 
 
 # ----------------------------------------------------------------------------- fast paths
@@ -229,6 +305,7 @@ FAST_PATHS = {
     "channels_last": ("callbacks.fast_paths.channels_last=true",),
     "torch.compile": ("callbacks.fast_paths.compile=true",),
     "glibc malloc defaults (cpu_malloc_cache=false)": ("callbacks.fast_paths.cpu_malloc_cache=false",),
+    "Lightning's NVML probe (skip_missing_nvml=false)": ("callbacks.fast_paths.skip_missing_nvml=false",),
 }
 #: switches of process-wide state that no later measurement could undo: each repeat of these, and
 #: of the default they are compared with, runs in a fresh interpreter
@@ -416,19 +493,31 @@ def run_benchmark(families: list[str], device: torch.device, batch_size: int, ba
                  "settings": {"batch_size": batch_size, "batches": batches, "repeats": repeats,
                               "image_size": image_size or int(defaults.datamodule.image_size),
                               "fast_repeats": fast_repeats}, "training": []}
+    interleaved = device.type == "cpu"
+    out["settings"]["method"] = "interleaved" if interleaved else "back-to-back"
     for family in families:
-        bare, ours, peaks = [], [], {}
-        for _ in range(repeats):   # interleaved so drifts hit both sides alike
+        if interleaved:
+            pairs = [interleaved_throughput(family, device, batch_size, batches, data) for _ in range(repeats)]
+            bare = [p["bare_img_s"] for p in pairs]
+            ours = [p["genbench_img_s"] for p in pairs]
+            ratios = [p["ratio"] for p in pairs]   # each the median over that run's step pairs
+            # peak memory: each loop alone (interleaved, they share one process)
             with PeakMemory(device) as m_bare:
-                bare.append(bare_throughput(family, device, batch_size, batches, data))
+                bare_throughput(family, device, batch_size, min(batches, 10), data)
             with PeakMemory(device) as m_ours:
-                ours.append(genbench_throughput(family, device, batch_size, batches, data))
-            peaks = {"bare_peak_mb": m_bare.peak_mb, "genbench_peak_mb": m_ours.peak_mb}
-        # the median of back-to-back pair ratios: robust to the slow drifts of a shared machine
-        pair_ratios = [o / b for o, b in zip(ours, bare)]
+                genbench_throughput(family, device, batch_size, min(batches, 10), data)
+        else:
+            bare, ours = [], []
+            for _ in range(repeats):   # back to back, so drifts hit both sides alike
+                with PeakMemory(device) as m_bare:
+                    bare.append(bare_throughput(family, device, batch_size, batches, data))
+                with PeakMemory(device) as m_ours:
+                    ours.append(genbench_throughput(family, device, batch_size, batches, data))
+            ratios = [o / b for o, b in zip(ours, bare)]
         row = {"family": family, "bare_img_s": statistics.median(bare), "genbench_img_s": statistics.median(ours),
-               "ratio": statistics.median(pair_ratios), "ratio_of_medians": statistics.median(ours) / statistics.median(bare),
-               "pair_ratios": pair_ratios, "bare_all": bare, "genbench_all": ours, **peaks}
+               "ratio": statistics.median(ratios), "ratio_of_medians": statistics.median(ours) / statistics.median(bare),
+               "pair_ratios": ratios, "bare_all": bare, "genbench_all": ours,
+               "bare_peak_mb": m_bare.peak_mb, "genbench_peak_mb": m_ours.peak_mb}
         out["training"].append(row)
         print(f"train {family}: genbench {row['genbench_img_s']:.0f} img/s, bare {row['bare_img_s']:.0f} img/s, "
               f"ratio {row['ratio']:.3f}", flush=True)
@@ -460,8 +549,10 @@ def to_markdown(r: dict) -> str:
              + ("; both loops with glibc malloc keeping freed memory (cpu_malloc_cache)" if m.get("cpu_malloc_cache") else ""),
              f"Training rows: digits at {r['settings'].get('image_size', 8)}x{r['settings'].get('image_size', 8)}, "
              f"batch {r['settings']['batch_size']}, median step of {r['settings']['batches']} batches, "
-             f"{r['settings']['repeats']} repeats (genbench and bare back to back)",
-             "", "| family | genbench img/s | bare img/s | ratio (median of pairs) | peak MB (genbench / bare) |",
+             f"{r['settings']['repeats']} repeats ("
+             + ("genbench and bare interleaved step by step; ratio: median over runs of the median per-step ratio"
+                if r["settings"].get("method") == "interleaved" else "genbench and bare back to back") + ")",
+             "", "| family | genbench img/s | bare img/s | ratio | peak MB (genbench / bare) |",
              "|---|---|---|---|---|"]
     for t in r["training"]:
         lines.append(f"| {t['family']} | {t['genbench_img_s']:.0f} | {t['bare_img_s']:.0f} | {t['ratio']:.3f} | "

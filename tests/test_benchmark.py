@@ -34,3 +34,45 @@ def test_benchmark_training_only_at_another_size_with_the_allocator_row(tmp_path
     assert len(malloc_row["default_fresh_process"]) == 1 and malloc_row["img_s"] > 0
     md = (tmp_path / "benchmark.md").read_text()
     assert "digits at 16x16" in md and "FID at" not in md
+
+
+def test_interleaved_measurement_runs_one_bare_step_per_genbench_batch_as_plain_pytorch(monkeypatch):
+    """Each genbench batch starts with one bare step, run without the NVML flag Lightning's import
+    sets (a script importing only torch has none); the flag is back for genbench's own step."""
+    import os
+
+    import torch
+
+    from models.fast_paths import NVML_CHECK_FLAG
+    from scripts import benchmark
+
+    monkeypatch.setenv(NVML_CHECK_FLAG, "1")
+    seen_by_bare, seen_by_genbench = [], []
+    paired = benchmark._InterleavedBareStep(lambda: seen_by_bare.append(os.environ.get(NVML_CHECK_FLAG)), warmup=1)
+
+    class Watch(benchmark.pl.Callback):
+        def on_train_batch_end(self, *args):
+            seen_by_genbench.append(os.environ.get(NVML_CHECK_FLAG))
+
+    benchmark.fit_genbench("vae", torch.device("cpu"), 16, 4, ("callbacks.fast_paths.skip_missing_nvml=false",),
+                           [paired, Watch()])
+    assert seen_by_bare == [None] * 4 and seen_by_genbench == ["1"] * 4
+    bare, ours = paired.step_times()
+    assert len(bare) == len(ours) == 3 and (bare > 0).all() and (ours > bare).all()
+
+
+def test_bare_loop_iterates_the_training_loader_epoch_after_epoch():
+    import itertools
+
+    import torch
+
+    from scripts import benchmark
+
+    _, dm, _ = benchmark.build("gan", torch.device("cpu"), 128)
+    per_epoch = len(dm.train_dataloader())
+    batches = list(itertools.islice(benchmark.bare_batches(dm, torch.device("cpu")), per_epoch + 1))
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(1)
+    epoch_one_first = next(iter(loader))[0]                    # the loader's own order at epoch 1 ...
+    assert torch.equal(batches[per_epoch], epoch_one_first)    # ... is where the bare loop continues
+    assert not torch.equal(batches[0], batches[per_epoch])     # a new shuffle, not a replay of epoch 0

@@ -195,3 +195,12 @@ def test_in_memory_batches_equal_the_dataloader_batches():
             assert torch.equal(xf, xs) and torch.equal(yf, ys)
     fast.sampler.batches_done = lambda: 7
     assert torch.equal(next(iter(fast))[0], pairs[7][1][0])
+
+
+def test_batches_already_on_the_device_pass_through_the_transfer_hook():
+    dm = ImageDataModule(batch_size=4)
+    x, y = torch.rand(4, 1, 8, 8), torch.arange(4)
+    batch = (x, y)
+    assert dm.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch     # no walk, no copy
+    moved = dm.transfer_batch_to_device([x.double(), {"y": y}], torch.device("meta"), 0)   # others: Lightning's walk
+    assert moved[0].device.type == "meta" and moved[1]["y"].device.type == "meta"

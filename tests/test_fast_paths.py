@@ -186,3 +186,87 @@ def test_nan_check_reports_a_transient_nan_at_its_step(monkeypatch):
         module.raise_on_nonfinite_loss()
     module.check_finite_loss(torch.tensor(0.1))   # the queue was emptied by the check
     module.raise_on_nonfinite_loss()
+
+
+def test_skip_missing_nvml_drops_lightnings_flag_only_where_nvml_is_missing(monkeypatch):
+    import models.fast_paths as fast_paths
+    model = torch.nn.Linear(2, 2)
+    model.device = torch.device("meta")
+    monkeypatch.setenv(fast_paths.NVML_CHECK_FLAG, "1")
+    monkeypatch.setattr(fast_paths, "nvml_loadable", lambda library=fast_paths.NVML_LIBRARY: True)
+    FastPaths().on_fit_start(None, model)                      # NVML there: the flag keeps its purpose
+    assert os.environ[fast_paths.NVML_CHECK_FLAG] == "1"
+    monkeypatch.setattr(fast_paths, "nvml_loadable", lambda library=fast_paths.NVML_LIBRARY: False)
+    FastPaths(skip_missing_nvml=False).on_fit_start(None, model)
+    assert os.environ[fast_paths.NVML_CHECK_FLAG] == "1"
+    fast = FastPaths()
+    fast.on_fit_start(None, model)
+    assert fast_paths.NVML_CHECK_FLAG not in os.environ
+    fast.teardown(None, model, "fit")                          # the process is left as it was found
+    assert os.environ[fast_paths.NVML_CHECK_FLAG] == "1"
+
+
+def _cuda_build_without_nvml() -> bool:
+    from models.fast_paths import nvml_loadable
+    return torch.backends.cuda.is_built() and not nvml_loadable()
+
+
+@pytest.mark.skipif(not _cuda_build_without_nvml(), reason="a CUDA build of torch on a machine without a GPU driver")
+def test_without_nvml_lightnings_flag_only_adds_a_failing_dlopen_to_every_optimizer_step(monkeypatch):
+    """Why skip_missing_nvml exists: with the flag, each optimizer step tries to load NVML (and
+    fails); without it, the same CUDA-availability answer comes with no load attempt."""
+    import ctypes
+    from models.fast_paths import NVML_CHECK_FLAG, NVML_LIBRARY
+    real_cdll, opened = ctypes.CDLL, []
+    monkeypatch.setattr(ctypes, "CDLL", lambda name, *a, **k: opened.append(name) or real_cdll(name, *a, **k))
+    param = torch.nn.Parameter(torch.ones(3))
+    param.grad = torch.ones(3)
+    optimizer = torch.optim.Adam([param])
+    monkeypatch.setenv(NVML_CHECK_FLAG, "1")
+    answer_with_flag = torch.cuda.is_available()
+    optimizer.step()
+    optimizer.step()
+    assert opened.count(NVML_LIBRARY) >= 3   # is_available() once, then at least once per step
+    opened.clear()
+    monkeypatch.delenv(NVML_CHECK_FLAG)
+    assert torch.cuda.is_available() == answer_with_flag
+    optimizer.step()
+    assert opened == []
+
+
+def _fit_gan(callbacks: list, batches: int = 3) -> dict:
+    """A few digits-GAN batches through the Trainer; the trained weights."""
+    import pytorch_lightning as pl
+
+    cfg = compose_train(["experiment=digits_gan", "datamodule.batch_size=32"])
+    pl.seed_everything(0)
+    model = hydra.utils.instantiate(cfg.model)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, max_steps=2 * batches,
+                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
+    trainer.fit(model, datamodule=hydra.utils.instantiate(cfg.datamodule))
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_plain_backward_only_where_lightning_would_add_nothing():
+    """manual_backward goes straight to loss.backward() when no callback implements the backward
+    hooks (same weights, bit for bit); a callback that implements one still gets every call."""
+    import pytorch_lightning as pl
+
+    class Probe(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.plain = pl_module._plain_backward
+
+    class HookUser(Probe):
+        calls = 0
+
+        def on_after_backward(self, trainer, pl_module):
+            self.calls += 1
+
+    probe, hook_user = Probe(), HookUser()
+    plain = _fit_gan([probe])
+    through_lightning = _fit_gan([hook_user])
+    assert probe.plain and not hook_user.plain
+    assert hook_user.calls == 2 * 3                      # the D and the G backward of each batch
+    assert plain.keys() == through_lightning.keys()
+    assert all(torch.equal(plain[k], through_lightning[k]) for k in plain)
