@@ -79,7 +79,7 @@ class GAN(GenerativeModule):
         self.manual_backward(loss)
         if self.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-        optimizer.step()
+        self.manual_optimizer_step(optimizer)
 
     def networks(self) -> list[str]:
         return ["generator", "discriminator"]

@@ -234,8 +234,8 @@ def test_without_nvml_lightnings_flag_only_adds_a_failing_dlopen_to_every_optimi
     assert opened == []
 
 
-def _fit_gan(callbacks: list, batches: int = 3) -> dict:
-    """A few digits-GAN batches through the Trainer; the trained weights."""
+def _fit_gan(callbacks: list, batches: int = 3) -> tuple[dict, int]:
+    """A few digits-GAN batches through the Trainer; the trained weights and the global step."""
     import pytorch_lightning as pl
 
     cfg = compose_train(["experiment=digits_gan", "datamodule.batch_size=32"])
@@ -245,28 +245,40 @@ def _fit_gan(callbacks: list, batches: int = 3) -> dict:
                          enable_progress_bar=False, enable_model_summary=False, max_steps=2 * batches,
                          limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
     trainer.fit(model, datamodule=hydra.utils.instantiate(cfg.datamodule))
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, trainer.global_step
 
 
-def test_plain_backward_only_where_lightning_would_add_nothing():
-    """manual_backward goes straight to loss.backward() when no callback implements the backward
-    hooks (same weights, bit for bit); a callback that implements one still gets every call."""
+def test_plain_backward_and_step_only_where_lightning_would_add_nothing():
+    """manual_backward goes straight to loss.backward(), and manual_optimizer_step to the torch
+    optimizer between Lightning's step counting, when no callback implements the hooks Lightning
+    would dispatch (same weights bit for bit, same global_step); a callback that implements one
+    gets every call through Lightning's path."""
     import pytorch_lightning as pl
 
     class Probe(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.plain = pl_module._plain_backward
+            self.plain = (pl_module._plain_backward, pl_module._plain_optimizer_step)
 
-    class HookUser(Probe):
+    class BackwardHookUser(Probe):
         calls = 0
 
         def on_after_backward(self, trainer, pl_module):
             self.calls += 1
 
-    probe, hook_user = Probe(), HookUser()
-    plain = _fit_gan([probe])
-    through_lightning = _fit_gan([hook_user])
-    assert probe.plain and not hook_user.plain
-    assert hook_user.calls == 2 * 3                      # the D and the G backward of each batch
-    assert plain.keys() == through_lightning.keys()
-    assert all(torch.equal(plain[k], through_lightning[k]) for k in plain)
+    class StepHookUser(Probe):
+        calls = 0
+
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            self.calls += 1
+
+    probe, backward_user, step_user = Probe(), BackwardHookUser(), StepHookUser()
+    plain, plain_steps = _fit_gan([probe])
+    runs = [_fit_gan([backward_user]), _fit_gan([step_user])]
+    assert probe.plain == (True, True)
+    assert backward_user.plain == (False, True) and step_user.plain == (True, False)
+    assert backward_user.calls == step_user.calls == 2 * 3     # the D and the G update of each batch
+    assert plain_steps == 2 * 3
+    for weights, steps in runs:
+        assert steps == plain_steps
+        assert weights.keys() == plain.keys()
+        assert all(torch.equal(plain[k], weights[k]) for k in plain)
