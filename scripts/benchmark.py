@@ -281,10 +281,13 @@ def genbench_throughput(family: str, device, batch_size: int, batches: int, over
 
 
 def interleaved_throughput(family: str, device, batch_size: int, batches: int, overrides: tuple[str, ...] = (),
-                           warmup: int = 3) -> dict:
+                           warmup: int = 3, bare_overrides: tuple[str, ...] | None = None) -> dict:
     """genbench and the bare loop step by step in one process (CPU): images/s of each from its
-    median step, and the median over steps of the per-pair ratio bare time / genbench time."""
-    paired = _InterleavedBareStep(bare_loop(family, device, batch_size, overrides), warmup)
+    median step, and the median over steps of the per-pair ratio bare time / genbench time. The
+    bare loop takes ``bare_overrides`` (default: ``overrides``), e.g. only the data ones when it is
+    the common clock of a fast-path table."""
+    bare_overrides = overrides if bare_overrides is None else bare_overrides
+    paired = _InterleavedBareStep(bare_loop(family, device, batch_size, bare_overrides), warmup)
     fit_genbench(family, device, batch_size, batches + warmup, overrides, [paired])
     bare, ours = paired.step_times()
     return {"bare_img_s": batch_size / float(np.median(bare)), "genbench_img_s": batch_size / float(np.median(ours)),
@@ -340,32 +343,50 @@ def fresh_process_throughput(*args, **kwargs) -> float:
 
 def fast_path_table(family: str, device, batch_size: int, batches: int, repeats: int, names: list[str],
                     peak_tflops: float | None, data: tuple[str, ...] = ()) -> list[dict]:
+    """Each switch against the default config, ``repeats`` rounds (a drift of the machine hits
+    every switch of a round alike); ``vs_default`` is the median over rounds of speed(switch) /
+    speed(default). On the CPU each run is interleaved step by step with the default bare loop,
+    the common clock: speed(switch) / speed(default) = ratio(switch) / ratio(default), which cancels
+    what the machine does between the two runs (back-to-back runs here scatter by +-10%). Switches
+    of process-wide state (FRESH_PROCESS) would change the bare loop beside them too: they and a
+    default of their own run back to back in fresh interpreters, as every row does on a GPU."""
     flops = training_flops_per_image(family, device, batch_size, data)
-    runs: dict[str, list[float]] = {name: [] for name in names}
+    interleaved = device.type == "cpu"
+    img_s: dict[str, list[float]] = {name: [] for name in names}
+    speed: dict[str, list[float]] = {name: [] for name in names}   # ratio to the bare clock, or img/s
     fresh_default: dict[str, list[float]] = {name: [] for name in names if name in FRESH_PROCESS}
-    for _ in range(repeats):  # interleaved, so a drift of the machine hits every switch alike
+    for _ in range(repeats):
         for name in names:
             # compile: its first steps compile; give it more warm-up
             args = (family, device, batch_size, batches, (*data, *FAST_PATHS[name]))
             kwargs = {"warmup": 10 if "compile" in name else 3}
             if name in FRESH_PROCESS:
                 fresh_default[name].append(fresh_process_throughput(family, device, batch_size, batches, data, **kwargs))
-                runs[name].append(fresh_process_throughput(*args, **kwargs))
+                img_s[name].append(fresh_process_throughput(*args, **kwargs))
+                speed[name].append(img_s[name][-1])
+            elif interleaved:
+                pair = interleaved_throughput(*args, bare_overrides=data, **kwargs)
+                img_s[name].append(pair["genbench_img_s"])
+                speed[name].append(pair["ratio"])
             else:
-                runs[name].append(genbench_throughput(*args, **kwargs))
+                img_s[name].append(genbench_throughput(*args, **kwargs))
+                speed[name].append(img_s[name][-1])
     rows = []
     for name in names:
-        img_s = statistics.median(runs[name])
-        tflops = flops * img_s / 1e12
-        rows.append({"fast_path": name, "overrides": list(FAST_PATHS[name]), "img_s": img_s, "all": runs[name],
-                     "model_tflop_s": tflops, "mfu": tflops / peak_tflops if peak_tflops else None})
-        print(f"fast path {name}: {img_s:.0f} img/s", flush=True)
-    for row in rows:  # median of the per-repeat ratios to the default measured in the same round
-        fresh = row["fast_path"] in FRESH_PROCESS
-        default = fresh_default[row["fast_path"]] if fresh else rows[0]["all"]
-        row["vs_default"] = statistics.median(a / b for a, b in zip(row["all"], default))
+        fresh = name in FRESH_PROCESS
+        median_img_s = statistics.median(img_s[name])
+        tflops = flops * median_img_s / 1e12
+        default = fresh_default[name] if fresh else speed[names[0]]
+        row = {"fast_path": name, "overrides": list(FAST_PATHS[name]), "img_s": median_img_s, "all": img_s[name],
+               "method": "back-to-back, fresh processes" if fresh or not interleaved else "interleaved",
+               "vs_default": statistics.median(a / b for a, b in zip(speed[name], default)),
+               "model_tflop_s": tflops, "mfu": tflops / peak_tflops if peak_tflops else None}
+        if interleaved and not fresh:
+            row["ratio_to_bare"] = speed[name]
         if fresh:
             row["default_fresh_process"] = default
+        rows.append(row)
+        print(f"fast path {name}: {median_img_s:.0f} img/s, {row['vs_default']:.3f} x default", flush=True)
     return [{"family": family, "gflop_per_image": flops / 1e9, "peak_tflops": peak_tflops}] + rows
 
 
@@ -560,11 +581,15 @@ def to_markdown(r: dict) -> str:
     if r.get("fast_paths"):
         head, *rows = r["fast_paths"]
         peak = f", peak {head['peak_tflops']:.0f} TFLOP/s" if head["peak_tflops"] else ""
-        lines += ["", f"Fast paths ({head['family']}, {head['gflop_per_image']:.3f} GFLOP per training image{peak}):", "",
+        lines += ["", f"Fast paths ({head['family']}, {head['gflop_per_image']:.3f} GFLOP per training image{peak}; "
+                  "vs default: median over rounds of speed(switch) / speed(default), each run "
+                  + ("interleaved with the default bare loop" if rows[0].get("method") == "interleaved" else "back to back")
+                  + "; † back to back in fresh processes):", "",
                   "| switch | img/s | vs default | model TFLOP/s | MFU |", "|---|---|---|---|---|"]
         for row in rows:
             mfu = f"{row['mfu']:.1%}" if row["mfu"] is not None else "-"
-            lines.append(f"| {row['fast_path']} | {row['img_s']:.0f} | {row['vs_default']:.3f} | "
+            mark = " †" if row["fast_path"] in FRESH_PROCESS and rows[0].get("method") == "interleaved" else ""
+            lines.append(f"| {row['fast_path']}{mark} | {row['img_s']:.0f} | {row['vs_default']:.3f} | "
                          f"{row['model_tflop_s']:.4f} | {mfu} |")
     if "fid_vs_sqrtm" not in r:   # --training-only
         return "\n".join(lines) + "\n"

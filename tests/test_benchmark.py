@@ -2,6 +2,8 @@
 the benchmark output, not in tests)."""
 import json
 
+import pytest
+
 from scripts.benchmark import main
 
 
@@ -17,6 +19,7 @@ def test_benchmark_writes_json_and_markdown(tmp_path, shared_cache):
     assert result["evaluation"]["real_image_passes_second"] == 0    # ... then none
     head, default, fused = result["fast_paths"]
     assert head["gflop_per_image"] > 0 and default["vs_default"] == 1.0 and fused["img_s"] > 0
+    assert fused["method"] == "interleaved" and len(fused["ratio_to_bare"]) == 1
     assert [s["nfe"] for s in result["sampling"]] == [1000, 100, 50, 20, 10]
     assert "| gan |" in (tmp_path / "benchmark.md").read_text()
 
@@ -76,3 +79,29 @@ def test_bare_loop_iterates_the_training_loader_epoch_after_epoch():
     epoch_one_first = next(iter(loader))[0]                    # the loader's own order at epoch 1 ...
     assert torch.equal(batches[per_epoch], epoch_one_first)    # ... is where the bare loop continues
     assert not torch.equal(batches[0], batches[per_epoch])     # a new shuffle, not a replay of epoch 0
+
+
+def test_fast_path_table_compares_switches_through_the_default_bare_clock(monkeypatch):
+    """On the CPU every switch runs beside the default bare loop (never beside a bare loop with the
+    switch's overrides) and vs_default = ratio(switch) / ratio(default) of the same round."""
+    import torch
+
+    from scripts import benchmark
+
+    calls = []
+    ratios = {(): [0.9, 0.8], ("model.optimizer.fused=true",): [0.99, 0.96]}   # per round
+
+    def fake_interleaved(family, device, batch_size, batches, overrides, warmup, bare_overrides):
+        calls.append((overrides, bare_overrides))
+        switch = tuple(o for o in overrides if o != "datamodule.image_size=16")
+        ratio = ratios[switch][sum(1 for o, _ in calls if o == overrides) - 1]
+        return {"bare_img_s": 1000.0, "genbench_img_s": 1000.0 * ratio, "ratio": ratio}
+
+    monkeypatch.setattr(benchmark, "interleaved_throughput", fake_interleaved)
+    monkeypatch.setattr(benchmark, "training_flops_per_image", lambda *a: 1e9)
+    data = ("datamodule.image_size=16",)
+    head, default, fused = benchmark.fast_path_table("gan", torch.device("cpu"), 8, 2, 2, ["default", "fused Adam"],
+                                                     None, data)
+    assert {bare for _, bare in calls} == {data}
+    assert fused["vs_default"] == pytest.approx(((0.99 / 0.9) + (0.96 / 0.8)) / 2)
+    assert default["vs_default"] == 1.0 and fused["ratio_to_bare"] == [0.99, 0.96]
