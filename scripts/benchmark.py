@@ -310,6 +310,15 @@ FAST_PATHS = {
     "glibc malloc defaults (cpu_malloc_cache=false)": ("callbacks.fast_paths.cpu_malloc_cache=false",),
     "Lightning's NVML probe (skip_missing_nvml=false)": ("callbacks.fast_paths.skip_missing_nvml=false",),
 }
+
+
+def switch_overrides(family: str, name: str) -> tuple[str, ...]:
+    """``FAST_PATHS[name]`` for ``family``: the GAN's optimizers are ``g_optimizer`` (which its
+    ``d_optimizer`` interpolates), the other families' ``optimizer``."""
+    optimizer = "model.g_optimizer." if family == "gan" else "model.optimizer."
+    return tuple(o.replace("model.optimizer.", optimizer) for o in FAST_PATHS[name])
+
+
 #: switches of process-wide state that no later measurement could undo: each repeat of these, and
 #: of the default they are compared with, runs in a fresh interpreter
 FRESH_PROCESS = {"glibc malloc defaults (cpu_malloc_cache=false)"}
@@ -358,7 +367,7 @@ def fast_path_table(family: str, device, batch_size: int, batches: int, repeats:
     for _ in range(repeats):
         for name in names:
             # compile: its first steps compile; give it more warm-up
-            args = (family, device, batch_size, batches, (*data, *FAST_PATHS[name]))
+            args = (family, device, batch_size, batches, (*data, *switch_overrides(family, name)))
             kwargs = {"warmup": 10 if "compile" in name else 3}
             if name in FRESH_PROCESS:
                 fresh_default[name].append(fresh_process_throughput(family, device, batch_size, batches, data, **kwargs))
@@ -377,7 +386,7 @@ def fast_path_table(family: str, device, batch_size: int, batches: int, repeats:
         median_img_s = statistics.median(img_s[name])
         tflops = flops * median_img_s / 1e12
         default = fresh_default[name] if fresh else speed[names[0]]
-        row = {"fast_path": name, "overrides": list(FAST_PATHS[name]), "img_s": median_img_s, "all": img_s[name],
+        row = {"fast_path": name, "overrides": list(switch_overrides(family, name)), "img_s": median_img_s, "all": img_s[name],
                "method": "back-to-back, fresh processes" if fresh or not interleaved else "interleaved",
                "vs_default": statistics.median(a / b for a, b in zip(speed[name], default)),
                "model_tflop_s": tflops, "mfu": tflops / peak_tflops if peak_tflops else None}

@@ -89,7 +89,7 @@ def test_fast_path_table_compares_switches_through_the_default_bare_clock(monkey
     from scripts import benchmark
 
     calls = []
-    ratios = {(): [0.9, 0.8], ("model.optimizer.fused=true",): [0.99, 0.96]}   # per round
+    ratios = {(): [0.9, 0.8], ("model.g_optimizer.fused=true",): [0.99, 0.96]}   # per round
 
     def fake_interleaved(family, device, batch_size, batches, overrides, warmup, bare_overrides):
         calls.append((overrides, bare_overrides))
@@ -105,3 +105,4 @@ def test_fast_path_table_compares_switches_through_the_default_bare_clock(monkey
     assert {bare for _, bare in calls} == {data}
     assert fused["vs_default"] == pytest.approx(((0.99 / 0.9) + (0.96 / 0.8)) / 2)
     assert default["vs_default"] == 1.0 and fused["ratio_to_bare"] == [0.99, 0.96]
+    assert fused["overrides"] == ["model.g_optimizer.fused=true"]   # the GAN's optimizers (D's interpolates G's)
