@@ -106,3 +106,26 @@ def test_fast_path_table_compares_switches_through_the_default_bare_clock(monkey
     assert fused["vs_default"] == pytest.approx(((0.99 / 0.9) + (0.96 / 0.8)) / 2)
     assert default["vs_default"] == 1.0 and fused["ratio_to_bare"] == [0.99, 0.96]
     assert fused["overrides"] == ["model.g_optimizer.fused=true"]   # the GAN's optimizers (D's interpolates G's)
+
+
+@pytest.mark.parametrize("family", ["gan", "vae", "realnvp", "ddpm"])
+def test_every_fast_path_switch_composes_for_every_family(family):
+    """Each switch that applies to the family (all but the EMA one for the VAE and the flow, which
+    keep no EMA) composes with the family's config (the GAN's optimizers are g_optimizer and
+    d_optimizer) and reaches it."""
+    from omegaconf import OmegaConf
+
+    from scripts.benchmark import FAST_PATHS, applicable_switches, compose_cfg, switch_overrides
+
+    names = applicable_switches(family, list(FAST_PATHS))
+    ema = "per-tensor EMA (ema_foreach=false)"
+    assert set(FAST_PATHS) - set(names) == (set() if family in ("gan", "ddpm") else {ema})
+    for name in names:
+        overrides = switch_overrides(family, name)
+        cfg = compose_cfg([f"experiment=digits_{family}", *overrides])
+        for override in overrides:
+            key, value = override.split("=", 1)
+            assert str(OmegaConf.select(cfg, key)).lower() == value.lower(), (name, override)
+    if family == "gan":
+        cfg = compose_cfg(["experiment=digits_gan", *switch_overrides("gan", "fused Adam")])
+        assert cfg.model.d_optimizer.fused is True
