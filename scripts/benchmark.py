@@ -368,10 +368,10 @@ def fast_path_table(family: str, device, batch_size: int, batches: int, repeats:
     what the machine does between the two runs (back-to-back runs here scatter by +-10%). Switches
     of process-wide state (FRESH_PROCESS) would change the bare loop beside them too: they and a
     default of their own run back to back in fresh interpreters, as every row does on a GPU."""
-    skipped = [name for name in names if name not in applicable_switches(family, names)]
-    if skipped:
+    applicable = applicable_switches(family, names)
+    if skipped := [name for name in names if name not in applicable]:
         print(f"fast paths without a meaning for {family}, skipped: {skipped}", flush=True)
-        names = [name for name in names if name not in skipped]
+    names = applicable
     flops = training_flops_per_image(family, device, batch_size, data)
     interleaved = device.type == "cpu"
     img_s: dict[str, list[float]] = {name: [] for name in names}

@@ -129,3 +129,20 @@ def test_every_fast_path_switch_composes_for_every_family(family):
     if family == "gan":
         cfg = compose_cfg(["experiment=digits_gan", *switch_overrides("gan", "fused Adam")])
         assert cfg.model.d_optimizer.fused is True
+
+
+def test_fast_path_table_skips_switches_the_family_has_no_key_for(monkeypatch):
+    """The VAE keeps no EMA: its table measures the rest instead of stopping at a Hydra error."""
+    import torch
+
+    from scripts import benchmark
+
+    measured = []
+    monkeypatch.setattr(benchmark, "interleaved_throughput", lambda family, device, batch_size, batches, overrides,
+                        warmup, bare_overrides: measured.append(overrides) or
+                        {"bare_img_s": 1.0, "genbench_img_s": 1.0, "ratio": 1.0})
+    monkeypatch.setattr(benchmark, "training_flops_per_image", lambda *a: 1e9)
+    head, *rows = benchmark.fast_path_table("vae", torch.device("cpu"), 8, 2, 1,
+                                            ["default", "per-tensor EMA (ema_foreach=false)", "fused Adam"], None)
+    assert [r["fast_path"] for r in rows] == ["default", "fused Adam"]
+    assert measured == [(), ("model.optimizer.fused=true",)]
