@@ -44,19 +44,19 @@ class ResumableShuffleSampler(DistributedSampler):
         seed: base seed of the order (the run seed).
         num_replicas, rank: the process group (1, 0 on a single process).
         random_flip: draw a left-right flip bit per image and position.
-        batches_done: called when an epoch starts; how many of its batches were already
+        batches_done: called with the epoch when it starts; how many of its batches were already
             trained on (non-zero only when resuming mid-epoch), to skip them.
     """
 
     def __init__(self, dataset: Dataset, global_batch_size: int, seed: int = 0, num_replicas: int = 1,
-                 rank: int = 0, random_flip: bool = False, batches_done: Callable[[], int] | None = None):
+                 rank: int = 0, random_flip: bool = False, batches_done: Callable[[int], int] | None = None):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.global_batch_size = int(global_batch_size)
         if self.global_batch_size % num_replicas:
             raise ValueError(f"global batch {global_batch_size} is not divisible by {num_replicas} processes")
         self.local_batch_size = self.global_batch_size // num_replicas
         self.random_flip = random_flip
-        self.batches_done = batches_done or (lambda: 0)
+        self.batches_done = batches_done or (lambda epoch: 0)
 
     @property
     def num_batches(self) -> int:
@@ -86,7 +86,7 @@ class ResumableShuffleSampler(DistributedSampler):
             mine = torch.arange(self.rank, n, self.num_replicas)
             yield order[mine], flips[mine]
             return
-        skip = int(self.batches_done()) % self.num_batches
+        skip = int(self.batches_done(self.epoch)) % self.num_batches
         for g in range(skip, self.num_batches):
             start = g * self.global_batch_size + self.rank * self.local_batch_size
             yield order[start:start + self.local_batch_size], flips[start:start + self.local_batch_size]

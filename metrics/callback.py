@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 
 
 class EvaluationCallback(pl.Callback):
-    """Evaluates every ``every_n_steps`` optimizer steps (0 = never during training) and once at
-    the end of training, with ``sampler`` during training and ``final_sampler`` at the end.
+    """Evaluates once per ``every_n_steps`` optimizer steps (0 = never during training: see
+    :meth:`is_due`) and once at the end of training, with ``sampler`` during training and
+    ``final_sampler`` at the end.
 
     Logs ``eval/<metric>`` to every logger, saves ``samples/step<k>.png``, appends one line per
     evaluation to ``eval_history.jsonl`` and keeps the final result in ``final`` for results.json.
@@ -53,13 +54,28 @@ class EvaluationCallback(pl.Callback):
         self.final: EvaluationResult | None = None
         self.eval_seconds = 0.0
         self._last_step = -1
+        self._next_due = self.every_n_steps
 
     def state_dict(self) -> dict[str, Any]:
-        return {"eval_seconds": self.eval_seconds, "last_step": self._last_step}
+        return {"eval_seconds": self.eval_seconds, "last_step": self._last_step, "next_due": self._next_due}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.eval_seconds = state_dict.get("eval_seconds", 0.0)
         self._last_step = state_dict.get("last_step", -1)
+        self._next_due = state_dict.get("next_due", self._due_after(max(self._last_step, 0)))
+
+    def _due_after(self, step: int) -> int:
+        """The first multiple of ``every_n_steps`` past ``step``."""
+        return (step // self.every_n_steps + 1) * self.every_n_steps if self.every_n_steps > 0 else 0
+
+    def is_due(self, step: int, max_steps: int) -> bool:
+        """Evaluate at the first step at or past each multiple of ``every_n_steps``: a GAN's step
+        grows by 2 per batch (n_critic + 1 with several critic steps), so ``step % n == 0`` would
+        skip multiples. The last step is left to the final evaluation, which follows anyway."""
+        if self.every_n_steps <= 0 or step < self._next_due:
+            return False
+        self._next_due = self._due_after(step)
+        return not 0 < max_steps <= step
 
     @staticmethod
     def result_record(result: EvaluationResult) -> dict[str, Any]:
@@ -77,8 +93,7 @@ class EvaluationCallback(pl.Callback):
         return None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        step = pl_module.global_step
-        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+        if self.is_due(pl_module.global_step, trainer.max_steps):
             self.run(trainer, pl_module, final=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:

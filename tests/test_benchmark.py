@@ -44,24 +44,25 @@ def test_interleaved_measurement_runs_one_bare_step_per_genbench_batch_as_plain_
     sets (a script importing only torch has none); the flag is back for genbench's own step."""
     import os
 
+    import pytorch_lightning as pl
     import torch
 
+    from benchmarks import training
     from models.fast_paths import NVML_CHECK_FLAG
-    from scripts import benchmark
 
     monkeypatch.setenv(NVML_CHECK_FLAG, "1")
     seen_by_bare, seen_by_genbench = [], []
-    paired = benchmark._InterleavedBareStep(lambda: seen_by_bare.append(os.environ.get(NVML_CHECK_FLAG)), warmup=1)
+    paired = training.InterleavedBareStep(lambda: seen_by_bare.append(os.environ.get(NVML_CHECK_FLAG)), warmup=1)
 
-    class Watch(benchmark.pl.Callback):
+    class Watch(pl.Callback):
         def on_train_batch_end(self, *args):
             seen_by_genbench.append(os.environ.get(NVML_CHECK_FLAG))
 
-    benchmark.fit_genbench("vae", torch.device("cpu"), 16, 4, ("callbacks.fast_paths.skip_missing_nvml=false",),
-                           [paired, Watch()])
+    training.fit_genbench("vae", torch.device("cpu"), 16, 4, ("callbacks.fast_paths.skip_missing_nvml=false",),
+                          [paired, Watch()])
     assert seen_by_bare == [None] * 4 and seen_by_genbench == ["1"] * 4
     bare, ours = paired.step_times()
-    assert len(bare) == len(ours) == 3 and (bare > 0).all() and (ours > bare).all()
+    assert len(bare) == len(ours) == 3 and (bare > 0).all() and (ours > 0).all()
 
 
 def test_bare_loop_iterates_the_training_loader_epoch_after_epoch():
@@ -69,11 +70,12 @@ def test_bare_loop_iterates_the_training_loader_epoch_after_epoch():
 
     import torch
 
-    from scripts import benchmark
+    from benchmarks.bare_loop import bare_batches
+    from benchmarks.configs import build
 
-    _, dm, _ = benchmark.build("gan", torch.device("cpu"), 128)
+    _, dm, _ = build("gan", torch.device("cpu"), 128)
     per_epoch = len(dm.train_dataloader())
-    batches = list(itertools.islice(benchmark.bare_batches(dm, torch.device("cpu")), per_epoch + 1))
+    batches = list(itertools.islice(bare_batches(dm, torch.device("cpu")), per_epoch + 1))
     loader = dm.train_dataloader()
     loader.sampler.set_epoch(1)
     epoch_one_first = next(iter(loader))[0]                    # the loader's own order at epoch 1 ...
@@ -86,7 +88,7 @@ def test_fast_path_table_compares_switches_through_the_default_bare_clock(monkey
     switch's overrides) and vs_default = ratio(switch) / ratio(default) of the same round."""
     import torch
 
-    from scripts import benchmark
+    from benchmarks import fast_paths, training
 
     calls = []
     ratios = {(): [0.9, 0.8], ("model.g_optimizer.fused=true",): [0.99, 0.96]}   # per round
@@ -97,11 +99,11 @@ def test_fast_path_table_compares_switches_through_the_default_bare_clock(monkey
         ratio = ratios[switch][sum(1 for o, _ in calls if o == overrides) - 1]
         return {"bare_img_s": 1000.0, "genbench_img_s": 1000.0 * ratio, "ratio": ratio}
 
-    monkeypatch.setattr(benchmark, "interleaved_throughput", fake_interleaved)
-    monkeypatch.setattr(benchmark, "training_flops_per_image", lambda *a: 1e9)
+    monkeypatch.setattr(training, "interleaved_throughput", fake_interleaved)
+    monkeypatch.setattr(fast_paths, "training_flops_per_image", lambda *a: 1e9)
     data = ("datamodule.image_size=16",)
-    head, default, fused = benchmark.fast_path_table("gan", torch.device("cpu"), 8, 2, 2, ["default", "fused Adam"],
-                                                     None, data)
+    head, default, fused = fast_paths.fast_path_table("gan", torch.device("cpu"), 8, 2, 2, ["default", "fused Adam"],
+                                                      None, data)
     assert {bare for _, bare in calls} == {data}
     assert fused["vs_default"] == pytest.approx(((0.99 / 0.9) + (0.96 / 0.8)) / 2)
     assert default["vs_default"] == 1.0 and fused["ratio_to_bare"] == [0.99, 0.96]
@@ -115,7 +117,8 @@ def test_every_fast_path_switch_composes_for_every_family(family):
     d_optimizer) and reaches it."""
     from omegaconf import OmegaConf
 
-    from scripts.benchmark import FAST_PATHS, applicable_switches, compose_cfg, switch_overrides
+    from benchmarks.configs import compose_cfg
+    from benchmarks.fast_paths import FAST_PATHS, applicable_switches, switch_overrides
 
     names = applicable_switches(family, list(FAST_PATHS))
     ema = "per-tensor EMA (ema_foreach=false)"
@@ -135,14 +138,36 @@ def test_fast_path_table_skips_switches_the_family_has_no_key_for(monkeypatch):
     """The VAE keeps no EMA: its table measures the rest instead of stopping at a Hydra error."""
     import torch
 
-    from scripts import benchmark
+    from benchmarks import fast_paths, training
 
     measured = []
-    monkeypatch.setattr(benchmark, "interleaved_throughput", lambda family, device, batch_size, batches, overrides,
+    monkeypatch.setattr(training, "interleaved_throughput", lambda family, device, batch_size, batches, overrides,
                         warmup, bare_overrides: measured.append(overrides) or
                         {"bare_img_s": 1.0, "genbench_img_s": 1.0, "ratio": 1.0})
-    monkeypatch.setattr(benchmark, "training_flops_per_image", lambda *a: 1e9)
-    head, *rows = benchmark.fast_path_table("vae", torch.device("cpu"), 8, 2, 1,
-                                            ["default", "per-tensor EMA (ema_foreach=false)", "fused Adam"], None)
+    monkeypatch.setattr(fast_paths, "training_flops_per_image", lambda *a: 1e9)
+    head, *rows = fast_paths.fast_path_table("vae", torch.device("cpu"), 8, 2, 1,
+                                             ["default", "per-tensor EMA (ema_foreach=false)", "fused Adam"], None)
     assert [r["fast_path"] for r in rows] == ["default", "fused Adam"]
     assert measured == [(), ("model.optimizer.fused=true",)]
+
+
+@pytest.mark.parametrize("family", ["gan", "vae", "realnvp", "ddpm"])
+def test_bare_loop_calls_the_modules_own_loss_functions(family, monkeypatch):
+    """The bare loop and Lightning's training_step call the same loss functions of the module (so
+    the two loops cannot drift apart); and one bare step updates the weights like a training step."""
+    import torch
+
+    from benchmarks.bare_loop import bare_step_fn
+    from benchmarks.configs import build
+
+    _, dm, model = build(family, torch.device("cpu"), 16)
+    names = ["discriminator_step_loss", "generator_step_loss"] if family == "gan" else ["training_loss"]
+    called = []
+    for name in names:
+        real = getattr(model, name)
+        monkeypatch.setattr(model, name, lambda *a, _real=real, _name=name, **k: called.append(_name) or _real(*a, **k))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    bare_step_fn(family, model)(next(iter(dm.train_dataloader()))[0])
+    assert called == names
+    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert changed and (family in ("vae", "realnvp") or any(k.startswith("ema.") for k in changed))

@@ -85,7 +85,7 @@ def test_training_order_is_a_function_of_seed_epoch_and_batch():
     halves = [ResumableShuffleSampler(dm.split("train"), 64, seed=3, num_replicas=2, rank=r) for r in (0, 1)]
     for g, batch in enumerate(batches(single, 1)):
         assert batch == batches(halves[0], 1)[g] + batches(halves[1], 1)[g]
-    resumed = ResumableShuffleSampler(dm.split("train"), 64, seed=3, batches_done=lambda: 5)
+    resumed = ResumableShuffleSampler(dm.split("train"), 64, seed=3, batches_done=lambda epoch: 5)
     assert batches(resumed, 1) == batches(single, 1)[5:]
     assert batches(ImageDataModule(batch_size=64, seed=4).train_sampler(), 0) != batches(single, 0)
 
@@ -193,7 +193,7 @@ def test_in_memory_batches_equal_the_dataloader_batches():
         assert len(pairs) == len(fast) == len(slow) == 1397 // 64
         for (xf, yf), (xs, ys) in pairs:
             assert torch.equal(xf, xs) and torch.equal(yf, ys)
-    fast.sampler.batches_done = lambda: 7
+    fast.sampler.batches_done = lambda epoch: 7
     assert torch.equal(next(iter(fast))[0], pairs[7][1][0])
 
 

@@ -51,7 +51,7 @@ def test_posterior_is_bayes_rule_of_the_forward_process():
     """q(x_{t-1}|x_t,x_0) from Eq. 7 equals the Gaussian conditional computed by hand."""
     d, t = GaussianDiffusion(1000), 250
     x0, xt = torch.tensor([[[[0.3]]]], dtype=torch.float64), torch.tensor([[[[-0.4]]]], dtype=torch.float64)
-    abar_prev, beta = d.alphas_cumprod[t - 1], d.betas[t]
+    abar_prev, beta = float(d.alphas_cumprod[t - 1]), float(d.betas[t])
     # prior x_{t-1} ~ N(sqrt(abar_prev) x0, 1-abar_prev); likelihood x_t ~ N(sqrt(1-beta) x_{t-1}, beta)
     prec = 1 / (1 - abar_prev) + (1 - beta) / beta
     mean = (math.sqrt(abar_prev) * 0.3 / (1 - abar_prev) + math.sqrt(1 - beta) * -0.4 / beta) / prec
@@ -159,3 +159,30 @@ def test_bound_of_a_perfect_gaussian_model_is_close_to_the_true_entropy():
     torch.manual_seed(1)
     wrong = float(d.bpd(GaussianDataOracle(d, mu=0.3, s=0.2), x0).mean())
     assert wrong > bpd + 0.5
+
+
+def test_training_and_sampling_steps_build_no_tensor_from_host_data(monkeypatch):
+    """The schedule lives on the device (buffers): no step may build a tensor from numpy or Python
+    data (on a GPU each would be a pageable host-to-device copy and a stream sync)."""
+    d = GaussianDiffusion(1000)
+    process = d.respace(10)   # built once per step count, before the loop (not in it)
+    model = lambda x, t: torch.zeros_like(x)   # noqa: E731
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    calls = []
+    for name in ("from_numpy", "as_tensor", "tensor"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    d.training_loss(model, x0)
+    process.ddim_sample(model, 4, (1, 8, 8), torch.device("cpu"), eta=1.0)
+    process.ancestral_sample(model, 4, (1, 8, 8), torch.device("cpu"))
+    d.respace(10)
+    assert calls == []
+
+
+def test_schedule_moves_with_its_owner_and_is_not_saved():
+    d = GaussianDiffusion(100)
+    owner = torch.nn.Module()
+    owner.diffusion = d
+    assert owner.state_dict() == {}                       # rebuilt from the config, never saved
+    moved = owner.to(torch.float64)                       # .to() reaches the buffers
+    assert moved.diffusion.betas.dtype == torch.float64 and d.respace(10).betas.device == d.betas.device

@@ -160,7 +160,7 @@ def test_channel_mismatch_between_samples_and_reference(tmp_path, shared_cache):
 
 
 def test_images_outside_unit_range_from_a_model_are_refused():
-    from models.base import check_images
+    from models.images import check_images
     with pytest.raises(ValueError, match=r"outside \[0, 1\]"):
         check_images(torch.full((2, 1, 8, 8), 1.5), (1, 8, 8), "BadModel.sample")
     with pytest.raises(ValueError, match="expected"):

@@ -1,4 +1,5 @@
 """GAN, VAE, RealNVP (and the presets of all four) against their papers' definitions."""
+import copy
 import json
 import math
 import os
@@ -189,3 +190,42 @@ def test_multirun_smoke_of_all_four_families(tmp_path, shared_cache):
         assert "bpd" in seen[family]["metrics"]
     for results in seen.values():
         assert {"fid", "precision", "recall", "inception_pool/fid"} <= set(results["metrics"])
+
+
+def test_gan_ema_generator_samples_with_batch_norm_statistics_of_its_own_weights():
+    """The EMA generator's running statistics are the live generator's (copied at each update);
+    before sampling they are re-estimated from the EMA weights' own activations on fixed latents,
+    once per EMA update."""
+    import pytorch_lightning as pl
+    from models.gan import BN_REFRESH_SEED
+
+    cfg = compose_train(["experiment=digits_gan", "datamodule.batch_size=32"])
+    pl.seed_everything(0)
+    model = hydra.utils.instantiate(cfg.model)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, max_steps=20,
+                         limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(model, datamodule=hydra.utils.instantiate(cfg.datamodule))
+    live = [m for m in model.generator.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    ema = [m for m in model.ema.shadow.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(a.running_mean, b.running_mean) for a, b in zip(live, ema))   # copied so far
+    # independent estimate of the first layer's statistics: one train-mode pass over all the latents
+    seen = []
+    probe = copy.deepcopy(model.ema.shadow).train()
+    first = next(m for m in probe.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    first.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    z = torch.randn(model.bn_refresh_samples, model.latent_dim, generator=torch.Generator().manual_seed(BN_REFRESH_SEED))
+    with torch.no_grad():
+        probe(z)
+    model.sample(8)
+    torch.testing.assert_close(ema[0].running_mean, seen[0].mean((0, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ema[0].running_var, seen[0].var((0, 2, 3)), rtol=5e-2, atol=1e-5)
+    assert all(not torch.allclose(a.running_mean, b.running_mean) for a, b in zip(live, ema))
+    refreshed = [m.running_mean.clone() for m in ema]
+    for m in ema:
+        m.running_mean.add_(1.0)
+    model.sample(8)                       # same EMA weights: no second estimate
+    assert all(torch.equal(m.running_mean, r + 1.0) for m, r in zip(ema, refreshed))
+    model.ema.update(model.generator)     # new weights: estimated again
+    model.sample(8)
+    assert not torch.equal(ema[0].running_mean, refreshed[0] + 1.0)

@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
 import sys
-from pathlib import Path
 
 import hydra
 import pytest
@@ -82,40 +79,6 @@ def test_compiled_network_gives_the_eager_outputs():
     FastPaths(compile=True).on_fit_start(None, model)
     torch.testing.assert_close(model.net(x, t), eager, rtol=1e-4, atol=1e-5)
     assert set(model.state_dict()) == set(hydra.utils.instantiate(cfg.model).state_dict())  # same checkpoint keys
-
-
-_FAULTS_PER_STEP = """
-import ctypes, resource, sys, torch
-from models.fast_paths import keep_freed_cpu_memory
-if sys.argv[1] == "on":
-    assert keep_freed_cpu_memory()
-else:  # glibc's starting point (128 KiB), pinned: its run-time adjustment depends on the address layout
-    assert ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)
-def step():  # a training step's activations: allocated, then freed before the next step
-    activations = [torch.ones(n << 20, dtype=torch.uint8) for n in (1, 3, 6, 2, 6)]
-    del activations
-for _ in range(3):
-    step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
-    step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only")
-def test_cpu_malloc_cache_stops_the_per_step_page_faults():
-    """In a fresh interpreter (the setting is process-wide): with glibc's default threshold the
-    freed megabytes go back to the kernel and fault in again every step; kept, they are reused.
-    (Left to adjust itself at run time, glibc sometimes keeps these blocks and sometimes not,
-    depending on where they land: 0 or 3,552 faults per step in repeated runs here.)"""
-    def faults(mode: str) -> float:
-        out = subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP, mode], capture_output=True, text=True,
-                             check=True, cwd=Path(__file__).resolve().parents[1])
-        return float(out.stdout.strip().splitlines()[-1])
-    default, kept = faults("off"), faults("on")
-    assert default > 1000      # ~18 MiB = 4,600 pages touched per step, most of them faulting
-    assert kept < 10
 
 
 def test_fast_paths_keeps_cpu_memory_only_on_the_cpu(monkeypatch):
@@ -232,53 +195,3 @@ def test_without_nvml_lightnings_flag_only_adds_a_failing_dlopen_to_every_optimi
     assert torch.cuda.is_available() == answer_with_flag
     optimizer.step()
     assert opened == []
-
-
-def _fit_gan(callbacks: list, batches: int = 3) -> tuple[dict, int]:
-    """A few digits-GAN batches through the Trainer; the trained weights and the global step."""
-    import pytorch_lightning as pl
-
-    cfg = compose_train(["experiment=digits_gan", "datamodule.batch_size=32"])
-    pl.seed_everything(0)
-    model = hydra.utils.instantiate(cfg.model)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, max_steps=2 * batches,
-                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
-    trainer.fit(model, datamodule=hydra.utils.instantiate(cfg.datamodule))
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, trainer.global_step
-
-
-def test_plain_backward_and_step_only_where_lightning_would_add_nothing():
-    """manual_backward goes straight to loss.backward(), and manual_optimizer_step to the torch
-    optimizer between Lightning's step counting, when no callback implements the hooks Lightning
-    would dispatch (same weights bit for bit, same global_step); a callback that implements one
-    gets every call through Lightning's path."""
-    import pytorch_lightning as pl
-
-    class Probe(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            self.plain = (pl_module._plain_backward, pl_module._plain_optimizer_step)
-
-    class BackwardHookUser(Probe):
-        calls = 0
-
-        def on_after_backward(self, trainer, pl_module):
-            self.calls += 1
-
-    class StepHookUser(Probe):
-        calls = 0
-
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            self.calls += 1
-
-    probe, backward_user, step_user = Probe(), BackwardHookUser(), StepHookUser()
-    plain, plain_steps = _fit_gan([probe])
-    runs = [_fit_gan([backward_user]), _fit_gan([step_user])]
-    assert probe.plain == (True, True)
-    assert backward_user.plain == (False, True) and step_user.plain == (True, False)
-    assert backward_user.calls == step_user.calls == 2 * 3     # the D and the G update of each batch
-    assert plain_steps == 2 * 3
-    for weights, steps in runs:
-        assert steps == plain_steps
-        assert weights.keys() == plain.keys()
-        assert all(torch.equal(plain[k], weights[k]) for k in plain)

@@ -76,3 +76,30 @@ def test_final_extractors_can_be_limited_to_some_seeds(seed, expected):
                          "evaluation.final_extractors_seeds=[0]"], "/tmp/unused")
     callback = hydra.utils.instantiate(cfg.callbacks.evaluation)
     assert callback.final_extractors == expected
+
+
+def test_sweep_overview_counts_jobs_and_estimates_from_steps(tmp_path):
+    """The main job's live overview: done / running / failed / waiting of the total from the run
+    directories, a running job counted by its share of training steps."""
+    from scripts.overview import overview_line, sweep_status
+
+    def job(name, status=None, step=None, max_steps=100):
+        d = tmp_path / name
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "config.yaml").write_text(f"trainer:\n  max_steps: {max_steps}\n")
+        if step is not None:
+            (d / "csv").mkdir()
+            (d / "csv" / "metrics.csv").write_text("step,train/loss\n" + "".join(f"{s},0.5\n" for s in range(9, step, 10)))
+        if status:
+            (d / "results.json").write_text(json.dumps({"status": status}))
+
+    job("a", "ok")
+    job("b", "failed")
+    job("c", step=50)           # half way: last logged row at step 49
+    status = sweep_status(tmp_path, total=5)
+    assert (status.done, status.failed, status.running, status.pending) == (1, 1, 1, 2)
+    assert status.progress == pytest.approx(2.49)
+    line = overview_line("training sweep", status, stage_elapsed=249.0, elapsed=300.0)
+    assert "1/5 done, 1 running, 1 failed, 2 waiting" in line
+    assert "~4:11 left" in line    # 249 s for 2.49 jobs' worth: 2.51 more at the same pace
+    assert "estimating" in overview_line("x", sweep_status(tmp_path / "none", 3), 1.0, 1.0)

@@ -1,4 +1,4 @@
-"""Exact resume: a run killed with SIGKILL at a random step and restarted in its run directory
+"""Exact resume: a run killed with SIGKILL at a (seeded) random step and restarted in its run directory
 ends where the uninterrupted run of the same seed ends (weights, optimizer state, results)."""
 from __future__ import annotations
 
@@ -44,13 +44,14 @@ def test_sigkill_at_a_random_step_then_resume_equals_the_uninterrupted_run(model
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run(_command(whole, model, shared_cache), cwd=ROOT, env=_env(), check=True, capture_output=True)
 
-    kill_after = random.Random().randint(10, 40)  # a checkpoint at or after this step, then a random delay
+    rng = random.Random(f"{model}-kill")          # seeded: a failure names a step that reproduces it
+    kill_after = rng.randint(10, 40)              # a checkpoint at or after this step, then a short delay
     proc = subprocess.Popen(_command(killed, model, shared_cache), cwd=ROOT, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while proc.poll() is None and not any(s >= kill_after for s in _checkpoint_steps(killed)):
             time.sleep(0.01)
-        time.sleep(random.random() * 0.1)  # a GAN batch takes ~15 ms: lands a few steps further on
+        time.sleep(rng.random() * 0.1)  # lands a few steps further on
         assert proc.poll() is None, "the run finished before it could be killed; lower kill_after"
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -5,6 +5,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 class EMA(nn.Module):
@@ -27,10 +28,11 @@ class EMA(nn.Module):
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         # a host-side copy of num_updates: reading the buffer every step would sync with the GPU
         self._host_updates: int | None = 0
+        self.register_load_state_dict_post_hook(EMA._forget_host_updates)
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._host_updates = None  # re-read from the loaded buffer on the next update
+    @staticmethod
+    def _forget_host_updates(module: "EMA", incompatible_keys) -> None:
+        module._host_updates = None  # re-read from the loaded buffer on the next update
 
     def current_decay(self) -> float:
         if self._host_updates is None:  # after loading a checkpoint: read the buffer once
@@ -46,8 +48,8 @@ class EMA(nn.Module):
         if len(ema_params) != len(params):
             raise RuntimeError("EMA shadow and network have different parameter lists")
         # lerp_(end, w): ema += w * (p - ema)  ==  decay * ema + (1 - decay) * p
-        if self.foreach:  # one fused kernel launch per group of tensors instead of one per tensor
-            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        if self.foreach:  # one multi-tensor kernel launch per group of tensors instead of one per tensor
+            get_ema_multi_avg_fn(decay)(ema_params, params, None)
         else:
             for e, p in zip(ema_params, params):
                 e.lerp_(p, 1.0 - decay)

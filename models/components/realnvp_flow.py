@@ -4,7 +4,7 @@ Each scale but the last: 3 affine couplings with alternating checkerboard masks,
 (C, H, W) -> (4C, H/2, W/2), 3 couplings with alternating channel-wise masks, then half of the
 channels are factored out (Sec. 3.6). The last scale: 4 checkerboard couplings.
 Affine coupling (Eq. 7-8): y_b = x_b * exp(s(x_a)) + t(x_a), y_a = x_a, log|det| = sum s(x_a),
-with s a rescaled tanh and s, t from one ResNet with weight or batch normalisation (Sec. 3.5, 4.1).
+with s a rescaled tanh and s, t from one ResNet with weight and/or batch normalisation (Sec. 3.5, 3.7).
 forward: x (B, C, H, W) -> (z (B, D), log|det dz/dx| (B,)); inverse: z -> x.
 """
 from __future__ import annotations
@@ -32,15 +32,19 @@ def checkerboard(h: int, w: int, parity: int, like: Tensor) -> Tensor:
     return ((i + j + parity) % 2 == 0).to(like.dtype)[None, None]
 
 
+#: weight normalisation, batch normalisation, or both (the paper's choice, Sec. 3.7)
+NORMS = ("weight", "batch", "weight_batch")
+
+
 class ResNetST(nn.Module):
     """in conv -> num_blocks residual blocks -> out conv producing 2 * out_channels (s and t)."""
 
     def __init__(self, in_channels: int, out_channels: int, features: int, num_blocks: int, norm: str):
         super().__init__()
-        if norm not in ("weight", "batch"):
-            raise ValueError(f"RealNVP coupling norm must be 'weight' or 'batch', got {norm!r}")
-        wrap = weight_norm if norm == "weight" else (lambda m: m)
-        bn = (lambda c: nn.BatchNorm2d(c)) if norm == "batch" else (lambda c: nn.Identity())
+        if norm not in NORMS:
+            raise ValueError(f"RealNVP coupling norm must be one of {NORMS}, got {norm!r}")
+        wrap = weight_norm if "weight" in norm else (lambda m: m)
+        bn = (lambda c: nn.BatchNorm2d(c)) if "batch" in norm else (lambda c: nn.Identity())
         self.conv_in = wrap(nn.Conv2d(in_channels, features, 3, padding=1))
         self.blocks = nn.ModuleList([
             nn.Sequential(bn(features), nn.ReLU(), wrap(nn.Conv2d(features, features, 3, padding=1)),

@@ -16,9 +16,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from models.base import Noise, randn
+from models.noise import Noise, randn
 from models.components.likelihoods import discretized_gaussian_log_likelihood
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
@@ -53,9 +53,13 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) ->
                   + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
-class GaussianDiffusion:
+class GaussianDiffusion(nn.Module):
     """q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) and the learned reverse process with
     fixed variances sigma_t^2 = beta_t ("fixedlarge", Ho's CIFAR-10 choice) or beta~_t ("fixedsmall").
+
+    The schedule lives on the device as float64 buffers, computed once here and moved with the
+    module that owns the process (``.to(device)``), never copied from the host in a training or
+    sampling step. They are not persistent: the config rebuilds them, checkpoints hold no copy.
 
     Args:
         num_timesteps: T.
@@ -68,6 +72,7 @@ class GaussianDiffusion:
     def __init__(self, num_timesteps: int = 1000, schedule: str = "linear", variance: str = "fixedlarge",
                  clip_denoised: bool = True, betas: Sequence[float] | None = None,
                  timestep_map: Sequence[int] | None = None):
+        super().__init__()
         if variance not in ("fixedlarge", "fixedsmall"):
             raise ValueError(f"unknown variance {variance!r}; choose 'fixedlarge' or 'fixedsmall'")
         betas = make_betas(schedule, num_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
@@ -75,51 +80,67 @@ class GaussianDiffusion:
             raise ValueError("betas must lie in (0, 1]")
         self.schedule, self.variance, self.clip_denoised = schedule, variance, clip_denoised
         self.num_timesteps = len(betas)
-        self.timestep_map = np.arange(len(betas)) if timestep_map is None else np.asarray(timestep_map)
-        self.betas = betas
         alphas = 1.0 - betas
-        self.alphas_cumprod = np.cumprod(alphas)
-        self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+        abar = np.cumprod(alphas)
+        abar_prev = np.append(1.0, abar[:-1])
         # q(x_{t-1} | x_t, x_0) = N(mu~_t, beta~_t I), Eq. 6-7
-        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        posterior_variance = betas * (1.0 - abar_prev) / (1.0 - abar)
         # beta~_0 = 0: use beta~_1 in the log (diffusion_tf's clipping)
-        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
-        self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(alphas) / (1.0 - self.alphas_cumprod)
+        posterior_log_variance = np.log(np.append(posterior_variance[1], posterior_variance[1:]))
         if variance == "fixedlarge":  # sigma_t^2 = beta_t, with beta~_1 at t=0 (diffusion_tf)
-            self.model_log_variance = np.log(np.append(self.posterior_variance[1], betas[1:]))
+            model_log_variance = np.log(np.append(posterior_variance[1], betas[1:]))
         else:
-            self.model_log_variance = self.posterior_log_variance_clipped
+            model_log_variance = posterior_log_variance
+        schedule_arrays = {
+            "betas": betas, "alphas_cumprod": abar, "alphas_cumprod_prev": abar_prev,
+            "sqrt_alphas_cumprod": np.sqrt(abar), "sqrt_one_minus_alphas_cumprod": np.sqrt(1.0 - abar),
+            "log_one_minus_alphas_cumprod": np.log(1.0 - abar),
+            "sqrt_recip_alphas_cumprod": np.sqrt(1.0 / abar), "sqrt_recipm1_alphas_cumprod": np.sqrt(1.0 / abar - 1.0),
+            "posterior_variance": posterior_variance, "posterior_log_variance_clipped": posterior_log_variance,
+            "posterior_mean_coef1": betas * np.sqrt(abar_prev) / (1.0 - abar),
+            "posterior_mean_coef2": (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
+            "model_log_variance": model_log_variance,
+        }
+        for name, array in schedule_arrays.items():
+            self.register_buffer(name, torch.from_numpy(np.asarray(array, dtype=np.float64)), persistent=False)
+        timestep_map = np.arange(len(betas)) if timestep_map is None else np.asarray(timestep_map)
+        self.register_buffer("timestep_map", torch.from_numpy(timestep_map.astype(np.int64)), persistent=False)
+        #: respaced processes by step count, built once and kept beside this one (not submodules)
+        self._respaced: dict[int, GaussianDiffusion] = {}
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def _gather(arr: np.ndarray, t: Tensor, x: Tensor) -> Tensor:
-        """arr[t] broadcast to x's shape: (B,) -> (B, 1, 1, 1)."""
-        out = torch.as_tensor(arr, device=t.device)[t].to(x.dtype)
-        return out.reshape(-1, *([1] * (x.ndim - 1)))
+    def _gather(arr: Tensor, t: Tensor, x: Tensor) -> Tensor:
+        """arr[t] broadcast to x's shape: (B,) -> (B, 1, 1, 1), in x's dtype."""
+        return arr[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
     def respace(self, steps: int) -> "GaussianDiffusion":
         """A process over ``steps`` evenly spaced timesteps of this one (improved-diffusion's
-        space_timesteps with one section): betas_i = 1 - abar_{S_i} / abar_{S_{i-1}}."""
+        space_timesteps with one section): betas_i = 1 - abar_{S_i} / abar_{S_{i-1}}. Built once per
+        step count, on this process's device."""
         if not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"steps must be in 1..{self.num_timesteps}, got {steps}")
         if steps == self.num_timesteps:
             return self
-        # evenly spaced, always including t=0 and t=T-1 (as space_timesteps does)
-        use = np.unique(np.round(np.linspace(0, self.num_timesteps - 1, steps)).astype(int))
-        abar = self.alphas_cumprod[use]
-        betas = 1.0 - abar / np.append(1.0, abar[:-1])
-        return GaussianDiffusion(len(use), variance=self.variance, clip_denoised=self.clip_denoised,
-                                 betas=betas, timestep_map=self.timestep_map[use])
+        device = self.betas.device
+        if steps not in self._respaced or self._respaced[steps].betas.device != device:
+            # evenly spaced, always including t=0 and t=T-1 (as space_timesteps does)
+            use = np.unique(np.round(np.linspace(0, self.num_timesteps - 1, steps)).astype(int))
+            abar = self.alphas_cumprod.cpu().numpy()[use]
+            betas = 1.0 - abar / np.append(1.0, abar[:-1])
+            self._respaced[steps] = GaussianDiffusion(
+                len(use), variance=self.variance, clip_denoised=self.clip_denoised, betas=betas,
+                timestep_map=self.timestep_map.cpu().numpy()[use]).to(device)
+        return self._respaced[steps]
 
     def model_eps(self, model: EpsModel, x_t: Tensor, t: Tensor) -> Tensor:
-        return model(x_t, torch.as_tensor(self.timestep_map, device=t.device)[t])
+        return model(x_t, self.timestep_map[t])
 
     # ------------------------------------------------------------------ forward process
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Eq. 4: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps."""
-        return (self._gather(np.sqrt(self.alphas_cumprod), t, x0) * x0
-                + self._gather(np.sqrt(1.0 - self.alphas_cumprod), t, x0) * noise)
+        return (self._gather(self.sqrt_alphas_cumprod, t, x0) * x0
+                + self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
     def q_posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Eq. 7: mean and log-variance of q(x_{t-1} | x_t, x_0)."""
@@ -128,12 +149,12 @@ class GaussianDiffusion:
 
     def predict_x0(self, x_t: Tensor, t: Tensor, eps: Tensor) -> Tensor:
         """Eq. 4 inverted: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
-        return (self._gather(np.sqrt(1.0 / self.alphas_cumprod), t, x_t) * x_t
-                - self._gather(np.sqrt(1.0 / self.alphas_cumprod - 1.0), t, x_t) * eps)
+        return (self._gather(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+                - self._gather(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps)
 
     def predict_eps(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
-        return ((self._gather(np.sqrt(1.0 / self.alphas_cumprod), t, x_t) * x_t - x0)
-                / self._gather(np.sqrt(1.0 / self.alphas_cumprod - 1.0), t, x_t))
+        return ((self._gather(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0)
+                / self._gather(self.sqrt_recipm1_alphas_cumprod, t, x_t))
 
     # ------------------------------------------------------------------ reverse process
     def p_mean_variance(self, model: EpsModel, x_t: Tensor, t: Tensor) -> dict[str, Tensor]:
@@ -192,8 +213,8 @@ class GaussianDiffusion:
     def prior_bpd(self, x0: Tensor) -> Tensor:
         """L_T of Eq. 5 in bits/dim: KL(q(x_T | x_0) || N(0, I)), averaged over dims. (B,)"""
         t = torch.full((x0.shape[0],), self.num_timesteps - 1, device=x0.device, dtype=torch.long)
-        mean = self._gather(np.sqrt(self.alphas_cumprod), t, x0) * x0
-        logvar = self._gather(np.log(1.0 - self.alphas_cumprod), t, x0)
+        mean = self._gather(self.sqrt_alphas_cumprod, t, x0) * x0
+        logvar = self._gather(self.log_one_minus_alphas_cumprod, t, x0)
         kl = normal_kl(mean, logvar, torch.zeros_like(mean), torch.zeros_like(mean))
         return kl.flatten(1).mean(1) / math.log(2.0)
 

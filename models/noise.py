@@ -1,0 +1,63 @@
+"""Per-sample random streams: what makes generated samples independent of batch size and of how
+many processes share the work (the per-sample seeding of the StyleGAN/EDM evaluation code)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+class SampleNoise:
+    """Sample ``i`` of a batch draws only from a generator seeded with ``seeds[i]``."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(s)) for s in seeds]
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def slice(self, start: int, stop: int) -> "SampleNoise":
+        """The streams of samples start..stop-1 (shared generators, not copies)."""
+        part = SampleNoise([], self.device)
+        part.generators = self.generators[start:stop]
+        return part
+
+    def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """(len(seeds), *shape) standard normal noise."""
+        return torch.stack([torch.randn(shape, generator=g, device=self.device, dtype=dtype)
+                            for g in self.generators])
+
+    def rand(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        return torch.stack([torch.rand(shape, generator=g, device=self.device, dtype=dtype)
+                            for g in self.generators])
+
+    def randint(self, high: int) -> Tensor:
+        """(len(seeds),) integers uniform in 0..high-1, one per stream."""
+        return torch.cat([torch.randint(high, (1,), generator=g, device=self.device) for g in self.generators])
+
+
+#: where random draws come from: per-sample streams, one generator, or the global RNG (None)
+Noise = SampleNoise | torch.Generator | None
+
+
+def randn(noise: Noise, n: int, shape: Sequence[int], device: torch.device) -> Tensor:
+    """(n, *shape) standard normal draws from ``noise``."""
+    if isinstance(noise, SampleNoise):
+        if len(noise) != n:
+            raise ValueError(f"SampleNoise holds {len(noise)} seeds, {n} samples were asked for")
+        return noise.randn(*shape).to(device)
+    gen_device = noise.device if isinstance(noise, torch.Generator) else device
+    return torch.randn((n, *shape), generator=noise, device=gen_device).to(device)
+
+
+def dequantize(x: Tensor, noise: Noise = None) -> Tensor:
+    """Uniform dequantization of 8-bit images in [0, 1]: y = (255 x + u) / 256, u ~ U[0, 1).
+
+    The continuous density of y on [0, 1]^D lower-bounds the discrete likelihood of x on the
+    256-level grid (Theis et al. 2016): log P(x) >= log p_y(y) - D log 256.
+    """
+    u = noise.rand(*x.shape[1:]).to(x) if isinstance(noise, SampleNoise) else \
+        torch.rand(x.shape, generator=noise, device=x.device, dtype=x.dtype)
+    return (x * 255.0 + u) / 256.0
