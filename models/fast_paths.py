@@ -35,9 +35,9 @@ def keep_freed_cpu_memory(mmap_threshold: int = MAX_MMAP_THRESHOLD, trim_thresho
     Why: by default glibc serves blocks above a threshold (128 KiB, adjusted at run time) with
     mmap, returns them with munmap when freed, and trims the top of the heap above
     M_TRIM_THRESHOLD. A CPU training step frees its activations and allocates them again in the
-    next step, so every step page-faults its working memory back in: 300 (GAN) to 2,400 (VAE)
-    minor faults per digits step in the runs measured here (the count depends on where the
-    blocks land, run to run), 10-17% of the step. With both thresholds raised, freed
+    next step, so every step page-faults its working memory back in (hundreds to thousands of
+    minor faults per digits step, depending on where the blocks land; the benchmark's
+    fast-path table measures the cost). With both thresholds raised, freed
     blocks are reused (what jemalloc and tcmalloc do; PyTorch's CPU performance guide recommends
     them for this reason). Blocks above ``mmap_threshold`` (at most 32 MiB) are still mmapped.
 
@@ -78,8 +78,7 @@ def skip_missing_nvml_probe() -> bool:
     health check of ``Optimizer.step``). With the flag set, a CUDA build of torch first tries to
     ``dlopen`` libnvidia-ml, and without a driver that fails and falls back to the CUDA runtime
     count, which is what the check returns without the flag, so the flag only adds the failed
-    ``dlopen``: 0.35 ms per optimizer step measured inside the digits GAN's training loop here
-    (2 of its 15 ms per batch; 38 us in an idle process, so mostly the cold caches of a busy one).
+    ``dlopen`` in every optimizer step (the benchmark's fast-path table measures its cost).
     Where NVML loads, the flag keeps its purpose (a fork-safe check) and is left alone.
     Returns whether the flag was dropped (``FastPaths`` puts it back at teardown).
     """

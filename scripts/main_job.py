@@ -112,7 +112,7 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, preset: str = "
     out.mkdir(parents=True, exist_ok=True)
     log = out / "main_job.log"
     start = time.perf_counter()
-    # 300 real images as the reference of every extractor: the Inception pass runs at ~6 img/s on 2 cores
+    # 300 real images as the reference of every extractor: the Inception pass is slow on a CPU
     extra = [*MAIN_OVERRIDES, *extra]
     stage("caches: the classifier extractor and the real-image statistics (once per cache dir)", start)
     prepare_caches(["classifier", "inception_pool"], extra)

@@ -31,6 +31,17 @@ def test_every_experiment_preset_composes_and_instantiates(preset, tmp_path):
         assert model.diffusion.betas[0] == pytest.approx(1e-4) and model.diffusion.betas[-1] == pytest.approx(0.02)
         assert cfg.trainer.gradient_clip_val == 1.0 and model.ema.decay == 0.9999 and model.warmup_steps == 5000
         assert cfg.trainer.max_steps == 800000 and cfg.datamodule.batch_size == 128 and cfg.datamodule.random_flip
+    if preset == "realnvp_cifar10":
+        # Dinh et al. 2017, Sec. 3.7 and 4.1: batch and weight normalisation in s and t, L2 5e-5 on the
+        # weight-normalisation scales only, Adam 1e-3, batch 64, alpha 0.05
+        groups = model.configure_optimizers()["optimizer"].param_groups
+        scales = [name for name, _ in model.named_parameters() if name.endswith("parametrizations.weight.original0")]
+        assert scales and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.flow.modules())
+        assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(len(scales), 5e-5),
+                                                                          (len(list(model.parameters())) - len(scales), 0.0)]
+        assert groups[0]["initial_lr"] == 1e-3 and cfg.datamodule.batch_size == 64 and model.alpha == 0.05
+    if preset in ("dcgan_cifar10", "sngan_cifar10"):
+        assert model.ema.decay == 0.0     # neither paper averages the generator's weights
 
 
 @pytest.mark.parametrize("size", [8, 16, 32, 64])
@@ -80,7 +91,7 @@ def _random_flow(channels=1, size=4, norm="weight"):
     return flow.eval()
 
 
-@pytest.mark.parametrize("norm", ["weight", "batch"])
+@pytest.mark.parametrize("norm", ["weight", "batch", "weight_batch"])
 def test_realnvp_inverse_of_forward_is_identity(norm):
     flow = _random_flow(3, 8, norm)
     x = torch.randn(5, 3, 8, 8, dtype=torch.float64)

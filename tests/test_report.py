@@ -68,7 +68,7 @@ def test_table_maths_best_marking_and_failed_runs(sweep):
     md = to_markdown(table)
     assert "**12.00 ± 2.83**" in md and "FID [classifier]" in md and "FID [inception_pool]" in md
     assert "Failed or incomplete runs" in md and "non-finite training loss" in md
-    assert "3.000 (exact)" in md and "N = 256" in table.caption
+    assert "3.000 (dequantized)" in md and "N = 256" in table.caption
     tex = to_latex(table)
     assert r"\toprule" in tex and r"\textbf{12.00 $\pm$ 2.83}" in tex
     csv_text = to_csv(table)
