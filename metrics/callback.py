@@ -37,18 +37,18 @@ class EvaluationCallback(pl.Callback):
                  final_sampler: dict[str, Any] | None = None, grid_size: int = 64, seed: int = 0,
                  output_dir: str = ".", extractor: str | None = None, final_extractors: list[str] | None = None,
                  metrics: list[str] | str = "auto", reference: dict[str, Any] | None = None,
-                 cache_dir: str = ".cache", weights_path: str | None = None, prdc_k: int = 3,
-                 bpd_during_training: bool = False):
+                 cache_dir: str = ".cache", weights_path: str | None = None, pr_k: int = 3, dc_k: int = 5,
+                 bpd_during_training: bool = False, repeats: int = 1):
         super().__init__()
         self.every_n_steps = int(every_n_steps)
         self.sampler, self.final_sampler = dict(sampler or {}), dict(final_sampler or {})
         self.output_dir = Path(output_dir)
-        self.evaluator = Evaluator(num_samples, batch_size, bpd_num_images, grid_size, seed)
+        self.evaluator = Evaluator(num_samples, batch_size, bpd_num_images, grid_size, seed, repeats)
         self.extractor = extractor
         self.final_extractors = [e for e in (final_extractors or []) if e != extractor]
         self.metric_names = metrics if isinstance(metrics, str) else list(metrics)
         self.reference = {"split": "train", "num_images": None, **(reference or {})}
-        self.cache_dir, self.weights_path, self.prdc_k = cache_dir, weights_path, prdc_k
+        self.cache_dir, self.weights_path, self.pr_k, self.dc_k = cache_dir, weights_path, pr_k, dc_k
         self.bpd_during_training = bpd_during_training
         self._feature_sets: dict[str, Any] = {}
         self.final: EvaluationResult | None = None
@@ -108,7 +108,7 @@ class EvaluationCallback(pl.Callback):
                 self._feature_sets[name] = build_feature_metrics(
                     name, datamodule, self.cache_dir, self.reference["split"], self.reference["num_images"],
                     self.metric_names, device, self.evaluator.batch_size, self.weights_path,
-                    seed=self.evaluator.seed, k=self.prdc_k)
+                    seed=self.evaluator.seed, pr_k=self.pr_k, dc_k=self.dc_k)
             self._feature_sets[name].to(device)
         return [self._feature_sets[n] for n in names]
 

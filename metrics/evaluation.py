@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from metrics.intervals import mean_std, t_half_width
 from metrics.results import BPD_KINDS
 from metrics.distributed import all_reduce_sum, gather_by_index, rank_and_world, shard
 from models.images import bits_per_dim, check_images
@@ -70,12 +71,16 @@ class Evaluator:
         bpd_num_images: test images for bits/dim (0 = skip).
         grid_size: images in the sample grid.
         seed: base seed of the per-sample streams.
+        repeats: independent sample sets scored (a sampling interval for one checkpoint).
     """
 
     def __init__(self, num_samples: int = 256, batch_size: int = 256, bpd_num_images: int = 64,
-                 grid_size: int = 64, seed: int = 0):
+                 grid_size: int = 64, seed: int = 0, repeats: int = 1):
         if num_samples < 1:
             raise ValueError(f"evaluation.num_samples must be >= 1, got {num_samples}")
+        if int(repeats) < 1:
+            raise ValueError(f"evaluation.repeats must be >= 1 (independent sample sets), got {repeats}")
+        self.repeats = int(repeats)
         self.num_samples, self.batch_size = int(num_samples), int(batch_size)
         self.bpd_num_images, self.grid_size, self.seed = int(bpd_num_images), int(grid_size), int(seed)
 
@@ -84,15 +89,16 @@ class Evaluator:
 
     @torch.no_grad()
     def generate(self, module, sampler: dict[str, Any],
-                 consume: Callable[[Tensor, list[int]], None]) -> float:
+                 consume: Callable[[Tensor, list[int]], None], offset: int = 0) -> float:
         """Draw this rank's share of the samples in batches, pass each uint8 batch (with its global
-        indices) to ``consume``; return the seconds spent sampling on this rank."""
+        indices) to ``consume``; return the seconds spent sampling on this rank. ``offset`` selects
+        an independent set of per-sample seeds (a repeat)."""
         rank, world = rank_and_world()
         mine = list(shard(self.num_samples, rank, world))
         seconds = 0.0
         for start in range(0, len(mine), self.batch_size):
             idx = mine[start:start + self.batch_size]
-            noise = SampleNoise(self._seeds(idx), module.device)
+            noise = SampleNoise(self._seeds(idx, offset), module.device)
             if module.device.type == "cuda":
                 torch.cuda.synchronize(module.device)
             t0 = time.perf_counter()
@@ -122,38 +128,55 @@ class Evaluator:
         total = all_reduce_sum(total)
         return float(total[0] / total[1])
 
+    @staticmethod
+    def repeat_offset(repeat: int) -> int:
+        """Seed offset of sample set ``repeat``: 0 for the first, never 1 (the bits/dim noise's)."""
+        return 0 if repeat == 0 else repeat + 1
+
     @torch.no_grad()
     def evaluate(self, module, test_set: Dataset | None, sampler: dict[str, Any] | None = None,
                  feature_sets: Sequence = ()) -> EvaluationResult:
+        """Draw ``repeats`` independent sets of ``num_samples`` samples and score each; the metrics
+        are the means over the sets and, with more than one set, ``<metric>_ci95`` the half-width
+        of their 95% Student-t interval (the sampling uncertainty of this one model)."""
         sampler = module.sampler_kwargs(**(sampler or {}))
         was_training = module.training
         module.eval()
         try:
             grid_parts: list[Tensor] = []
             grid_idx: list[int] = []
-            for fs in feature_sets:
-                fs.reset_generated()
-
-            def consume(images: Tensor, idx: list[int]) -> None:
-                keep = [k for k, i in enumerate(idx) if i < self.grid_size]
-                if keep:
-                    grid_parts.append(images[keep].cpu())
-                    grid_idx.extend(idx[k] for k in keep)
-                for fs in feature_sets:
-                    fs.update_generated(images, idx)
-
-            seconds = self.generate(module, sampler, consume)
-            total_seconds = float(all_reduce_sum(torch.tensor([seconds], dtype=torch.float64, device=module.device))[0])
-            metrics: dict[str, float] = {}
-            cost = module.sampling_cost(**sampler)
-            metrics["nfe"] = float(cost["nfe"])
-            metrics["sec_per_sample"] = total_seconds / self.num_samples
+            sets: list[dict[str, float]] = []
             details: dict[str, Any] = {"extractors": {}}
-            for k, fs in enumerate(feature_sets):
-                values, fs_details = fs.compute(self.num_samples)
-                prefix = "" if k == 0 else f"{fs.extractor_name}/"
-                metrics.update({prefix + name: v for name, v in values.items()})
-                details["extractors"][fs.extractor_name] = {"metrics": values, **fs_details}
+            for repeat in range(self.repeats):
+                for fs in feature_sets:
+                    fs.reset_generated()
+
+                def consume(images: Tensor, idx: list[int]) -> None:
+                    keep = [k for k, i in enumerate(idx) if i < self.grid_size] if repeat == 0 else []
+                    if keep:
+                        grid_parts.append(images[keep].cpu())
+                        grid_idx.extend(idx[k] for k in keep)
+                    for fs in feature_sets:
+                        fs.update_generated(images, idx)
+
+                seconds = self.generate(module, sampler, consume, self.repeat_offset(repeat))
+                total_seconds = float(all_reduce_sum(torch.tensor([seconds], dtype=torch.float64,
+                                                                  device=module.device))[0])
+                metrics: dict[str, float] = {"nfe": float(module.sampling_cost(**sampler)["nfe"]),
+                                             "sec_per_sample": total_seconds / self.num_samples}
+                for k, fs in enumerate(feature_sets):
+                    values, fs_details = fs.compute(self.num_samples)
+                    prefix = "" if k == 0 else f"{fs.extractor_name}/"
+                    metrics.update({prefix + name: v for name, v in values.items()})
+                    if repeat == 0:
+                        details["extractors"][fs.extractor_name] = {"metrics": values, **fs_details}
+                sets.append(metrics)
+            metrics = {key: mean_std([m[key] for m in sets])[0] for key in sets[0]}
+            if self.repeats > 1:
+                for key in sets[0]:
+                    if key not in ("nfe", "sec_per_sample"):
+                        metrics[f"{key}_ci95"] = t_half_width(mean_std([m[key] for m in sets])[1], self.repeats)
+                details["repeats"] = {"count": self.repeats, "per_set": sets}
             if module.likelihood_kind is not None and self.bpd_num_images > 0 and test_set is not None:
                 metrics["bpd"] = self.bits_per_dim(module, test_set)
                 details["bpd_kind"] = BPD_KINDS[module.likelihood_kind]

@@ -6,6 +6,8 @@ not depend on how samples were split across processes or batches.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -98,31 +100,83 @@ def kth_neighbour_radii(x: Tensor, k: int, chunk: int = 1024) -> Tensor:
     return radii
 
 
-def precision_recall_density_coverage(real: Tensor, fake: Tensor, k: int = 3, chunk: int = 1024,
-                                      real_radii: Tensor | None = None) -> dict[str, float]:
-    """Improved precision/recall (Kynkaanniemi et al. 2019) and density/coverage (Naeem et al. 2020)
-    with k-NN balls, computed in row chunks (memory O(chunk * N)).
-
-    precision = frac. of fake inside some real ball;  recall = frac. of real inside some fake ball;
-    density = (1 / kM) sum_fake #{real balls containing it};  coverage = frac. of real balls holding a fake.
-    Strict inequalities, as in the prdc package.
-    """
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3, chunk: int = 1024,
+                     real_radii: Tensor | None = None) -> dict[str, float]:
+    """Improved precision/recall (Kynkaanniemi et al. 2019) with k-NN balls, in row chunks
+    (memory O(chunk * N)): precision = fraction of fake samples inside some real ball; recall =
+    fraction of real samples inside some fake ball. Strict inequalities, as in the prdc package."""
     real, fake = real.double(), fake.double()
     real_radii = kth_neighbour_radii(real, k, chunk) if real_radii is None else real_radii.double()
     fake_radii = kth_neighbour_radii(fake, k, chunk)
     in_real_ball = torch.zeros(fake.shape[0], dtype=torch.bool, device=fake.device)
-    ball_counts = torch.zeros(fake.shape[0], dtype=torch.float64, device=fake.device)
     for start, d in _pairwise_chunks(fake, real, chunk):                     # (chunk, N_real)
-        inside = d < real_radii[None, :]
-        in_real_ball[start:start + d.shape[0]] = inside.any(1)
-        ball_counts[start:start + d.shape[0]] = inside.sum(1).double()
+        in_real_ball[start:start + d.shape[0]] = (d < real_radii[None, :]).any(1)
     recalled = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
-    covered = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
     for start, d in _pairwise_chunks(real, fake, chunk):                     # (chunk, N_fake)
         recalled[start:start + d.shape[0]] = (d < fake_radii[None, :]).any(1)
+    return {"precision": float(in_real_ball.double().mean()), "recall": float(recalled.double().mean())}
+
+
+def density_coverage(real: Tensor, fake: Tensor, k: int = 5, chunk: int = 1024,
+                     real_radii: Tensor | None = None) -> dict[str, float]:
+    """Density and coverage (Naeem et al. 2020; their default k = 5): density = (1 / kM)
+    sum over fake samples of the number of real k-NN balls holding it; coverage = fraction of real
+    balls holding at least one fake sample."""
+    real, fake = real.double(), fake.double()
+    real_radii = kth_neighbour_radii(real, k, chunk) if real_radii is None else real_radii.double()
+    ball_counts = torch.zeros(fake.shape[0], dtype=torch.float64, device=fake.device)
+    for start, d in _pairwise_chunks(fake, real, chunk):                     # (chunk, N_real)
+        ball_counts[start:start + d.shape[0]] = (d < real_radii[None, :]).sum(1).double()
+    covered = torch.zeros(real.shape[0], dtype=torch.bool, device=real.device)
+    for start, d in _pairwise_chunks(real, fake, chunk):                     # (chunk, N_fake)
         covered[start:start + d.shape[0]] = d.min(1).values < real_radii[start:start + d.shape[0]]
-    return {"precision": float(in_real_ball.double().mean()), "recall": float(recalled.double().mean()),
-            "density": float(ball_counts.sum() / (k * fake.shape[0])), "coverage": float(covered.double().mean())}
+    return {"density": float(ball_counts.sum() / (k * fake.shape[0])), "coverage": float(covered.double().mean())}
+
+
+def precision_recall_density_coverage(real: Tensor, fake: Tensor, k: int = 3, chunk: int = 1024,
+                                      dc_k: int | None = None) -> dict[str, float]:
+    """Both pairs: precision/recall with ``k``, density/coverage with ``dc_k`` (default ``k``)."""
+    return {**precision_recall(real, fake, k, chunk), **density_coverage(real, fake, dc_k or k, chunk)}
+
+
+def extrapolate_to_infinity(sizes: np.ndarray, values: np.ndarray) -> tuple[float, float, float]:
+    """Least-squares fit value(N) = a + b / N (Chong & Forsyth 2020): (a, b, RMS residual). The
+    intercept a is the value an infinite sample would give."""
+    design = np.stack([np.ones_like(sizes, dtype=np.float64), 1.0 / np.asarray(sizes, dtype=np.float64)], 1)
+    coef, *_ = np.linalg.lstsq(design, np.asarray(values, dtype=np.float64), rcond=None)
+    residual = float(np.sqrt(np.mean((design @ coef - values) ** 2)))
+    return float(coef[0]), float(coef[1]), residual
+
+
+def subsample_sizes(n: int, num_points: int = 15, min_fraction: float = 0.5) -> np.ndarray:
+    """``num_points`` sub-sample sizes evenly spaced from ``min_fraction * n`` to ``n``."""
+    return np.unique(np.linspace(math.ceil(n * min_fraction), n, num_points).round().astype(int))
+
+
+def fid_infinity(features: Tensor, ref_mu: Tensor, ref_sigma: Tensor, num_points: int = 15,
+                 min_fraction: float = 0.5, seed: int = 0) -> dict:
+    """FID_inf (Chong & Forsyth 2020, Sec. 3): FID of sub-samples of the generated features drawn
+    without replacement (duplicates would inflate FID) at ``num_points`` sizes, fitted linearly
+    in 1/N, extrapolated to 1/N = 0. No extra network pass: the features are already there."""
+    gen = np.random.default_rng(seed)
+    sizes = subsample_sizes(features.shape[0], num_points, min_fraction)
+    values = []
+    for m in sizes:
+        idx = torch.from_numpy(np.sort(gen.choice(features.shape[0], m, replace=False)))
+        mu, sigma = mean_cov(features[idx])
+        values.append(float(frechet_distance(mu, sigma, ref_mu, ref_sigma)))
+    intercept, slope, residual = extrapolate_to_infinity(sizes, np.array(values))
+    return {"fid_inf": intercept, "slope": slope, "residual": residual, "sizes": sizes.tolist(), "values": values}
+
+
+def is_infinity(logits: Tensor, num_points: int = 15, min_fraction: float = 0.5, seed: int = 0) -> dict:
+    """IS_inf (Chong & Forsyth 2020): IS of sub-samples (one split each) extrapolated to 1/N = 0."""
+    gen = np.random.default_rng(seed)
+    sizes = subsample_sizes(logits.shape[0], num_points, min_fraction)
+    values = [inception_score(logits[torch.from_numpy(gen.choice(logits.shape[0], m, replace=False))], splits=1)[0]
+              for m in sizes]
+    intercept, slope, residual = extrapolate_to_infinity(sizes, np.array(values))
+    return {"is_inf": intercept, "slope": slope, "residual": residual, "sizes": sizes.tolist(), "values": values}
 
 
 # ----------------------------------------------------------------------------- Metrics
@@ -144,6 +198,9 @@ class GeneratedFeatures(Metric):
     def ordered(self) -> Tensor:
         feats, idx = dim_zero_cat(self.features), dim_zero_cat(self.indices)
         return feats[idx.argsort()]
+
+    def compute(self) -> Tensor:
+        return self.ordered()
 
 
 class FrechetDistance(Metric):
@@ -195,19 +252,24 @@ class KernelInceptionDistance(GeneratedFeatures):
 
 
 class PrecisionRecall(GeneratedFeatures):
-    """Improved precision/recall + density/coverage against fixed reference features."""
+    """Improved precision/recall (k = ``pr_k``) and density/coverage (k = ``dc_k``) against fixed
+    reference features; the reference k-NN radii are computed once per k."""
 
-    def __init__(self, ref_features: Tensor, k: int = 3, chunk: int = 1024, ref_radii: Tensor | None = None, **kwargs):
+    def __init__(self, ref_features: Tensor, pr_k: int = 3, dc_k: int = 5, chunk: int = 1024, **kwargs):
         super().__init__(**kwargs)
         self.register_buffer("ref_features", ref_features.double(), persistent=False)
-        self.k, self.chunk = k, chunk
-        self._ref_radii = ref_radii
+        self.pr_k, self.dc_k, self.chunk = pr_k, dc_k, chunk
+        self._ref_radii: dict[int, Tensor] = {}
+
+    def ref_radii(self, k: int) -> Tensor:
+        if k not in self._ref_radii:
+            self._ref_radii[k] = kth_neighbour_radii(self.ref_features, k, self.chunk)
+        return self._ref_radii[k].to(self.ref_features)
 
     def compute(self) -> dict[str, float]:
-        if self._ref_radii is None:
-            self._ref_radii = kth_neighbour_radii(self.ref_features, self.k, self.chunk)
-        return precision_recall_density_coverage(self.ref_features, self.ordered(), self.k, self.chunk,
-                                                 self._ref_radii.to(self.ref_features))
+        fake = self.ordered()
+        return {**precision_recall(self.ref_features, fake, self.pr_k, self.chunk, self.ref_radii(self.pr_k)),
+                **density_coverage(self.ref_features, fake, self.dc_k, self.chunk, self.ref_radii(self.dc_k))}
 
 
 def small_sample_warning(n: int, dim: int) -> str | None:
@@ -217,6 +279,7 @@ def small_sample_warning(n: int, dim: int) -> str | None:
     return None
 
 
-__all__ = ["frechet_distance", "inception_score", "kernel_inception_distance", "precision_recall_density_coverage",
+__all__ = ["frechet_distance", "inception_score", "kernel_inception_distance", "precision_recall", "density_coverage",
+           "precision_recall_density_coverage", "fid_infinity", "is_infinity", "extrapolate_to_infinity",
            "FrechetDistance", "InceptionScore", "KernelInceptionDistance", "PrecisionRecall", "mean_cov",
            "small_sample_warning"]

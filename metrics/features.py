@@ -7,18 +7,26 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from metrics.feature_metrics import (FrechetDistance, InceptionScore, KernelInceptionDistance, PrecisionRecall,
-                                     small_sample_warning)
+from metrics.feature_metrics import (FrechetDistance, GeneratedFeatures, InceptionScore, KernelInceptionDistance,
+                                     PrecisionRecall, fid_infinity, is_infinity, small_sample_warning)
 from metrics.reference import ReferenceStats, load_or_compute_reference
 
 log = logging.getLogger(__name__)
 
 ALL_METRICS = ("fid", "is", "kid", "prdc")
 EXTRACTORS = ("inception", "inception_pool", "classifier")
+#: FID_inf / IS_inf fit sub-samples of FID_INF_MIN_FRACTION * N .. N generated samples
+FID_INF_MIN_FRACTION = 0.5
 
 
 class MetricNotAvailableError(ValueError):
     pass
+
+
+def synced_features(metric: GeneratedFeatures) -> Tensor:
+    """A metric's stored features gathered from every process (collective under DDP), in sample order."""
+    with metric.sync_context():
+        return metric.ordered()
 
 
 class FeatureMetrics:
@@ -31,7 +39,7 @@ class FeatureMetrics:
     """
 
     def __init__(self, extractor, reference: ReferenceStats, metrics: Sequence[str] | str = "auto",
-                 k: int = 3, kid_subsets: int = 100, kid_subset_size: int = 1000, is_splits: int = 10,
+                 pr_k: int = 3, dc_k: int = 5, kid_subsets: int = 100, kid_subset_size: int = 1000, is_splits: int = 10,
                  seed: int = 0, chunk: int = 1024):
         if metrics == "auto":
             metrics = [m for m in ALL_METRICS if m != "is" or extractor.has_logits]
@@ -44,15 +52,23 @@ class FeatureMetrics:
                 "evaluation.extractor=inception or classifier, or drop 'is' from evaluation.metrics")
         self.extractor, self.reference, self.names = extractor, reference, list(metrics)
         self.extractor_name = extractor.name
-        self.k = k
+        self.pr_k, self.dc_k = pr_k, dc_k
         self.fid = FrechetDistance(reference.mu, reference.sigma) if "fid" in metrics else None
         self.inception_score = InceptionScore(is_splits) if "is" in metrics else None
         self.kid = KernelInceptionDistance(reference.features, kid_subsets, kid_subset_size, seed) if "kid" in metrics else None
-        self.prdc = PrecisionRecall(reference.features, k, chunk) if "prdc" in metrics else None
+        self.prdc = PrecisionRecall(reference.features, pr_k, dc_k, chunk) if "prdc" in metrics else None
+        # FID_inf sub-samples the generated pool features: KID and P/R keep them already; only
+        # without both does FID keep its own copy
+        self.pool_store = GeneratedFeatures() if self.fid is not None and not (self.kid or self.prdc) else None
+        self.seed = seed
 
     @property
     def _metrics(self):
-        return [m for m in (self.fid, self.inception_score, self.kid, self.prdc) if m is not None]
+        return [m for m in (self.fid, self.inception_score, self.kid, self.prdc, self.pool_store) if m is not None]
+
+    def generated_pool(self) -> Tensor:
+        """The generated pool features of all processes in sample order, from whichever metric keeps them."""
+        return synced_features(next(m for m in (self.prdc, self.kid, self.pool_store) if m is not None))
 
     def to(self, device) -> "FeatureMetrics":
         self.extractor.to(device)
@@ -81,11 +97,13 @@ class FeatureMetrics:
             self.kid.update(pool, idx)
         if self.prdc is not None:
             self.prdc.update(pool, idx)
+        if self.pool_store is not None:
+            self.pool_store.update(pool, idx)
 
     def compute(self, num_samples: int) -> tuple[dict[str, float], dict[str, Any]]:
         values: dict[str, float] = {}
         details: dict[str, Any] = {"reference": {k: self.reference.spec[k] for k in ("dataset", "split", "num_images")},
-                                   "extractor": self.reference.spec["extractor"], "prdc_k": self.k}
+                                   "extractor": self.reference.spec["extractor"], "pr_k": self.pr_k, "dc_k": self.dc_k}
         if getattr(self.extractor, "test_accuracy", None) is not None:
             details["extractor_test_accuracy"] = self.extractor.test_accuracy
         if self.fid is not None:
@@ -95,8 +113,19 @@ class FeatureMetrics:
             if warning:
                 log.warning(warning)
                 details["fid_warning"] = warning
+            if FID_INF_MIN_FRACTION * num_samples > self.extractor.feature_dim:
+                fit = fid_infinity(self.generated_pool(), self.fid.ref_mu, self.fid.ref_sigma,
+                                   min_fraction=FID_INF_MIN_FRACTION, seed=self.seed)
+                values["fid_inf"], values["fid_inf_residual"] = fit["fid_inf"], fit["residual"]
+                details["fid_inf"] = fit
+            else:
+                details["fid_inf"] = (f"not computed: every sub-sample ({FID_INF_MIN_FRACTION:g} N to N) must exceed "
+                                      f"the feature dimension {self.extractor.feature_dim}; N = {num_samples}")
         if self.inception_score is not None:
             values["is"], values["is_std"] = self.inception_score.compute()
+            fit = is_infinity(synced_features(self.inception_score), min_fraction=FID_INF_MIN_FRACTION,
+                              seed=self.seed)
+            values["is_inf"], details["is_inf"] = fit["is_inf"], fit
         else:
             details["is"] = f"not available: extractor '{self.extractor_name}' has no logits"
         if self.kid is not None:

@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from metrics.intervals import mean_std, t_half_width  # noqa: E402
 from metrics.report import RunRecord  # noqa: E402
 
 
@@ -30,22 +31,36 @@ def _history(record: RunRecord) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def mean_and_interval(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and 95% Student-t half-width (0 for one value), as the table shows them."""
+    mean, std = mean_std(values)
+    return mean, t_half_width(std, len(values))
+
+
 def plot_fid_vs_step(records: Sequence[RunRecord], out_stem: Path, metric: str = "fid") -> list[Path]:
+    """Per family: the mean over seeds at each evaluation step, the 95% interval as a band."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     extractor = None
-    for family in sorted({r.results["model"] for r in records if r.ok}):
-        for k, r in enumerate(r for r in records if r.ok and r.results["model"] == family):
-            hist = [h for h in _history(r) if metric in h["metrics"]]
-            if hist:
-                extractor = extractor or hist[0].get("feature_extractor")
-                ax.plot([h["step"] for h in hist], [h["metrics"][metric] for h in hist], marker="o", ms=3,
-                        color=f"C{sorted({x.results['model'] for x in records if x.ok}).index(family)}",
-                        alpha=0.8, label=family if k == 0 else None)
+    families = sorted({r.results["model"] for r in records if r.ok})
+    for i, family in enumerate(families):
+        by_step: dict[int, list[float]] = {}
+        for r in (r for r in records if r.ok and r.results["model"] == family):
+            for h in _history(r):
+                if metric in h["metrics"]:
+                    extractor = extractor or h.get("feature_extractor")
+                    by_step.setdefault(h["step"], []).append(h["metrics"][metric])
+        if not by_step:
+            continue
+        steps = sorted(by_step)
+        stats = [mean_and_interval(by_step[s]) for s in steps]
+        means = [m for m, _ in stats]
+        ax.plot(steps, means, marker="o", ms=3, color=f"C{i}", label=family)
+        ax.fill_between(steps, [m - h for m, h in stats], [m + h for m, h in stats], color=f"C{i}", alpha=0.2)
     ax.set_xlabel("training step (optimizer steps)")
     ax.set_ylabel(f"{metric.upper()} [{extractor}]")
     ax.set_yscale("log")
     ax.legend()
-    ax.set_title("FID during training")
+    ax.set_title("FID during training (mean, 95% interval over seeds)")
     return _save(fig, out_stem)
 
 
@@ -70,19 +85,24 @@ def plot_fid_vs_nfe(points: Sequence[dict], out_stem: Path) -> list[Path]:
 
 
 def plot_precision_recall(records: Sequence[RunRecord], out_stem: Path) -> list[Path]:
+    """Per family: each seed faint, the mean over seeds with 95% interval bars."""
     fig, ax = plt.subplots(figsize=(4, 4))
     families = sorted({r.results["model"] for r in records if r.ok})
     for i, family in enumerate(families):
         pts = [(r.results["metrics"]["recall"], r.results["metrics"]["precision"]) for r in records
                if r.ok and r.results["model"] == family and "precision" in r.results["metrics"]]
         if pts:
-            ax.scatter(*zip(*pts), color=f"C{i}", label=family, s=30)
+            ax.scatter(*zip(*pts), color=f"C{i}", s=12, alpha=0.35)
+            (rx, rh), (px, ph) = mean_and_interval([p[0] for p in pts]), mean_and_interval([p[1] for p in pts])
+            ax.errorbar([rx], [px], xerr=[rh], yerr=[ph], color=f"C{i}", marker="o", capsize=3, label=family)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("recall")
     ax.set_ylabel("precision")
-    extractor = next((r.results.get("feature_extractor") for r in records if r.ok), "")
-    ax.set_title(f"improved precision/recall (k=3) [{extractor}]")
+    first = next((r.results for r in records if r.ok), {})
+    extractor = first.get("feature_extractor", "")
+    k = ((first.get("details") or {}).get("extractors") or {}).get(extractor, {}).get("pr_k", 3)
+    ax.set_title(f"improved precision/recall (k={k}) [{extractor}]")
     ax.legend()
     return _save(fig, out_stem)
 

@@ -1,4 +1,4 @@
-"""The reviewer's benchmark table: runs (local results.json or W&B) -> mean ± std over seeds.
+"""The reviewer's benchmark table: runs (local results.json or W&B) -> mean ± 95% interval over seeds.
 
 A run record is the results.json contract (metrics/results.py). Runs that failed or lack
 metrics are listed separately, never averaged in. Figures from different feature extractors
@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from metrics.intervals import CONFIDENCE, mean_std, t_half_width
 from metrics.results import BPD_KINDS, RESULTS_FILE
 
 # (key in results["metrics"], column title, higher is better)
-FEATURE_COLUMNS = [("fid", "FID", False), ("is", "IS", True), ("kid", "KID", False),
+FEATURE_COLUMNS = [("fid", "FID", False), ("fid_inf", "FID∞", False), ("is", "IS", True), ("kid", "KID", False),
                    ("precision", "Prec.", True), ("recall", "Rec.", True),
                    ("density", "Dens.", True), ("coverage", "Cov.", True)]
 OTHER_COLUMNS = [("bpd", "bits/dim", False), ("nfe", "NFE", False), ("sec_per_sample", "s/sample", False)]
@@ -111,17 +112,23 @@ def collect_wandb(project: str, entity: str | None = None, group: str | None = N
 
 # ----------------------------------------------------------------------------- aggregation
 
+#: what changes the meaning of a number: runs that differ in any of these never share a row
+ROW_KEYS = ("dataset", "image_size", "conditioning", "sampler", "num_samples", "reference", "feature_extractor")
+
+
 @dataclass
 class Cell:
     mean: float
     std: float
     n: int
     best: bool = False
+    half_width: float = 0.0     # of the 95% interval: over seeds (Student t), or over sample sets
+    sampling: bool = False      # the interval is over repeated sample sets of one run
 
     def text(self, digits: int | str) -> str:
         fmt = f".{digits}f" if isinstance(digits, int) else digits
-        if self.n > 1 and self.std > 0:
-            return f"{self.mean:{fmt}} ± {self.std:{fmt}}"
+        if self.half_width > 0:
+            return f"{self.mean:{fmt}} ± {self.half_width:{fmt}}" + ("†" if self.sampling else "")
         return f"{self.mean:{fmt}}"
 
 
@@ -134,14 +141,6 @@ class Table:
     failed: list[RunRecord] = field(default_factory=list)
 
 
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (n - 1); std 0 for a single value."""
-    n = len(values)
-    mean = sum(values) / n
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return mean, std
-
-
 def _group_value(results: dict, key: str):
     if key in results:
         return results[key]
@@ -151,13 +150,60 @@ def _group_value(results: dict, key: str):
     return node
 
 
-def build_table(records: Sequence[RunRecord], group_by: Sequence[str] = ("model",)) -> Table:
+def sampler_text(sampler: dict | None) -> str:
+    """{"name": "ddim", "steps": 50, "eta": 1.0} -> "ddim-50 eta=1"; {} -> "-" (one-shot samplers)."""
+    if not sampler:
+        return "-"
+    rest = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(sampler.items())
+                    if k not in ("name", "steps") and v is not None)
+    head = f"{sampler.get('name', '')}" + (f"-{sampler['steps']}" if sampler.get("steps") else "")
+    return (head + " " + rest).strip()
+
+
+def comparability(results: dict) -> dict[str, str]:
+    """The ROW_KEYS of one run, as text."""
+    extractor = results.get("feature_extractor")
+    ref = (((results.get("details") or {}).get("extractors") or {}).get(extractor) or {}).get("reference") or {}
+    classes = _group_value(results, "model.num_classes")
+    return {"dataset": str(results.get("dataset")), "image_size": str(_group_value(results, "datamodule.image_size")),
+            "conditioning": "class-conditional" if classes else "unconditional",
+            "sampler": sampler_text(results.get("sampler")), "num_samples": str(results.get("num_samples")),
+            "reference": f"{ref.get('split', '?')}:{ref.get('num_images', '?')}", "feature_extractor": str(extractor)}
+
+
+class IncomparableRunsError(ValueError):
+    """Runs asked to share a row differ in a setting that changes what their numbers mean."""
+
+
+def build_table(records: Sequence[RunRecord], group_by: Sequence[str] = ("model",), mixed: str = "split") -> Table:
+    """Rows of comparable runs. ``group_by`` names the row (results or dotted config keys); runs of
+    one row must also agree on every ROW_KEY: with ``mixed="split"`` the keys that differ between
+    runs become part of the row (a column each), with ``mixed="refuse"`` a row mixing them raises
+    :class:`IncomparableRunsError` naming the differing key and values."""
+    if mixed not in ("split", "refuse"):
+        raise ValueError(f"mixed must be 'split' or 'refuse', got {mixed!r}")
     ok = [r for r in records if r.ok]
     failed = [r for r in records if not r.ok]
     extractors = sorted({r.results.get("feature_extractor") for r in ok if r.results.get("feature_extractor")})
     if len(extractors) > 1:
-        raise ValueError(f"runs use different primary feature extractors {extractors}; their figures are not "
-                         "comparable: build one table per extractor (pass only those runs)")
+        raise IncomparableRunsError(
+            f"runs use different primary feature extractors {extractors}; their figures are not comparable: "
+            "build one table per extractor (pass only those runs)")
+    keys = {id(r): comparability(r.results) for r in ok}
+    varying = [k for k in ROW_KEYS if len({keys[id(r)][k] for r in ok}) > 1]
+    if mixed == "refuse":
+        by_group: dict[tuple, list[RunRecord]] = {}
+        for r in ok:
+            by_group.setdefault(tuple(_group_value(r.results, k) for k in group_by), []).append(r)
+        for gkey, members in by_group.items():
+            for k in varying:
+                values = sorted({keys[id(m)][k] for m in members})
+                if len(values) > 1:
+                    raise IncomparableRunsError(
+                        f"the runs of row {dict(zip(group_by, gkey))} differ in {k}: {values}; their numbers are "
+                        f"not comparable. Add {k} to the row (mixed='split', the default) or pass only comparable runs")
+        varying = []
+    row_keys = list(group_by) + varying
     extra = sorted({k.split("/")[0] for r in ok for k in r.results["metrics"] if "/" in k})
     columns: list[tuple[str, str, bool | None]] = []
     present = {k for r in ok for k in r.results["metrics"]}
@@ -174,12 +220,15 @@ def build_table(records: Sequence[RunRecord], group_by: Sequence[str] = ("model"
             columns.append((key, title, hib))
     columns += [(key, title, None) for key, title in INFO_COLUMNS]
 
+    def row_value(r: RunRecord, k: str):
+        return keys[id(r)][k] if k in ROW_KEYS and k not in group_by else _group_value(r.results, k)
+
     groups: dict[tuple, list[dict]] = {}
     for r in ok:
-        groups.setdefault(tuple(_group_value(r.results, k) for k in group_by), []).append(r.results)
+        groups.setdefault(tuple(row_value(r, k) for k in row_keys), []).append(r.results)
     rows = []
     for gkey, members in sorted(groups.items(), key=lambda kv: [str(v) for v in kv[0]]):
-        row: dict[str, Any] = dict(zip(group_by, gkey))
+        row: dict[str, Any] = dict(zip(row_keys, gkey))
         row["seeds"] = sorted(m.get("seed") for m in members)
         kinds = {BPD_KINDS.get(m.get("likelihood_kind")) for m in members}
         row["bpd_kind"] = kinds.pop() if len(kinds) == 1 else None
@@ -188,7 +237,11 @@ def build_table(records: Sequence[RunRecord], group_by: Sequence[str] = ("model"
             vals = [v for v in vals if isinstance(v, (int, float))]
             if vals:
                 mean, std = mean_std(vals)
-                row[key] = Cell(mean, std, len(vals))
+                cell = Cell(mean, std, len(vals), half_width=t_half_width(std, len(vals)))
+                sampling_ci = [m["metrics"].get(f"{key}_ci95") for m in members if key in m.get("metrics", {})]
+                if len(vals) == 1 and sampling_ci and isinstance(sampling_ci[0], (int, float)):
+                    cell.half_width, cell.sampling = float(sampling_ci[0]), True
+                row[key] = cell
         rows.append(row)
     for key, _, hib in columns:
         if hib is None:
@@ -198,23 +251,25 @@ def build_table(records: Sequence[RunRecord], group_by: Sequence[str] = ("model"
             target = (max if hib else min)(c.mean for c in cells)
             for c in cells:
                 c.best = math.isclose(c.mean, target, rel_tol=1e-9, abs_tol=1e-12)  # ties share it
-    ns = sorted({r.results.get("num_samples") for r in ok if r.results.get("num_samples")})
-    datasets = sorted({str(r.results.get("dataset")) for r in ok})
+    constant = {k: keys[id(ok[0])][k] for k in ROW_KEYS if k not in row_keys} if ok else {}
     seeds = sorted({len(row["seeds"]) for row in rows})
-    caption = (f"{', '.join(datasets)}: mean ± std over {'/'.join(map(str, seeds))} seed(s). "
-               f"Feature metrics from {primary or 'no extractor'}"
+    caption = (f"Mean ± half-width of the {CONFIDENCE:.0%} confidence interval over {'/'.join(map(str, seeds))} "
+               "seed(s) (Student t, n - 1 degrees of freedom; † = over repeated sample sets of one run). "
+               + ("Same in every row: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in constant.items()) + ". "
+                  if constant else "")
+               + f"Feature metrics from {primary or 'no extractor'}"
                + (f" and {', '.join(extra)} (final evaluation)" if extra else "")
-               + f", N = {'/'.join(map(str, ns))} generated samples. bits/dim on test images "
-               "(dequantized = the flow's exact density of dequantized data, a bound on the 8-bit likelihood; "
+               + ". fid_inf: FID extrapolated to infinitely many samples (Chong & Forsyth 2020). bits/dim on test "
+               "images (dequantized = the flow's exact density of dequantized data, a bound on the 8-bit likelihood; "
                "bound = ELBO/IWAE/variational bound). Best per column in bold.")
-    return Table(list(group_by), columns, rows, caption, failed)
+    return Table(row_keys, columns, rows, caption, failed)
 
 
 # ----------------------------------------------------------------------------- rendering
 
 def _digits(key: str) -> int | str:
     base = key.split("/")[-1]
-    return {"fid": 2, "is": 2, "kid": 3, "bpd": 3, "nfe": 0, "sec_per_sample": ".1e",
+    return {"fid": 2, "fid_inf": 2, "is": 2, "kid": 3, "bpd": 3, "nfe": 0, "sec_per_sample": ".1e",
             "num_params": 0, "train_steps": 0}.get(base, 3)
 
 
@@ -270,13 +325,14 @@ def to_csv(table: Table) -> str:
     writer = csv.writer(buf)
     header = table.group_by + ["seeds"]
     for key, _, _ in table.columns:
-        header += [f"{key}_mean", f"{key}_std", f"{key}_best"]
+        header += [f"{key}_mean", f"{key}_std", f"{key}_ci95", f"{key}_best"]
     writer.writerow(header)
     for row in table.rows:
         vals = [row[k] for k in table.group_by] + [" ".join(map(str, row["seeds"]))]
         for key, _, _ in table.columns:
             cell = row.get(key)
-            vals += ["", "", ""] if cell is None else [repr(cell.mean), repr(cell.std), int(cell.best)]
+            vals += ["", "", "", ""] if cell is None else [repr(cell.mean), repr(cell.std), repr(cell.half_width),
+                                                           int(cell.best)]
         writer.writerow(vals)
     for r in table.failed:
         writer.writerow([f"FAILED {r.source}: {r.problem}"])

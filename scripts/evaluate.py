@@ -60,11 +60,12 @@ def _evaluate_checkpoint_worker(rank: int, world: int, port: int, cfg: DictConfi
     try:
         model, datamodule, run_cfg, step = load_checkpoint_run(cfg.ckpt_path, cfg.device)
         ev = cfg.evaluation
-        evaluator = Evaluator(ev.num_samples, ev.batch_size, ev.bpd_num_images, ev.grid_size, ev.seed)
+        evaluator = Evaluator(ev.num_samples, ev.batch_size, ev.bpd_num_images, ev.grid_size, ev.seed, ev.repeats)
         names = ([ev.extractor] if ev.extractor else []) + [e for e in ev.final_extractors if e != ev.extractor]
         feature_sets = [build_feature_metrics(n, datamodule, cfg.paths.cache_dir, ev.reference.split,
                                               ev.reference.num_images, ev.metrics, cfg.device, ev.batch_size,
-                                              ev.weights_path, seed=ev.seed, k=ev.prdc_k) for n in names]
+                                              ev.weights_path, seed=ev.seed, pr_k=ev.pr_k, dc_k=ev.dc_k)
+                        for n in names]
         sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else {}
         result = evaluator.evaluate(model, datamodule.split("test"), sampler, feature_sets)
         summary = {
@@ -157,7 +158,7 @@ def evaluate_sample_sets(cfg: DictConfig) -> dict[str, Any]:
     if ref_channels != samples.shape[1]:
         raise ValueError(f"samples have {samples.shape[1]} channel(s), the reference {ref_channels}; "
                          "compare like with like")
-    metrics = FeatureMetrics(extractor, reference, ev.metrics, seed=ev.seed, k=ev.prdc_k).to(device)
+    metrics = FeatureMetrics(extractor, reference, ev.metrics, seed=ev.seed, pr_k=ev.pr_k, dc_k=ev.dc_k).to(device)
     gen = features_of(extractor, samples, ev.batch_size, device)
     metrics.reset_generated()
     metrics.update_features({k: v.to(device) if v is not None else None for k, v in gen.items()},

@@ -17,7 +17,7 @@ from metrics.report import build_table, collect_local, collect_wandb, to_markdow
 
 
 def make_table(paths=(), wandb_project=None, wandb_entity=None, wandb_group=None, wandb_tags=(),
-               group_by=("model",), out=None, log_wandb_table=True, api=None):
+               group_by=("model",), out=None, log_wandb_table=True, api=None, mixed="split"):
     if wandb_project:
         records = collect_wandb(wandb_project, wandb_entity, wandb_group, wandb_tags, api=api)
         out_dir = Path(out or "table")
@@ -29,7 +29,7 @@ def make_table(paths=(), wandb_project=None, wandb_entity=None, wandb_group=None
         raise ValueError("give run/sweep directories or --wandb-project")
     if not any(r.ok for r in records):
         raise ValueError("no finished run with metrics was found:\n" + "\n".join(f"  {r.source}: {r.problem}" for r in records))
-    table = build_table(records, group_by)
+    table = build_table(records, group_by, mixed)
     files = write_table(table, out_dir)
     if wandb_project and log_wandb_table:
         import wandb
@@ -47,11 +47,14 @@ def main(argv=None) -> None:
     p.add_argument("--wandb-group")
     p.add_argument("--wandb-tags", nargs="*", default=[])
     p.add_argument("--group-by", nargs="+", default=["model"], help="results keys or config keys (dotted)")
+    p.add_argument("--mixed", choices=["split", "refuse"], default="split",
+                   help="runs of one row that differ in dataset, image size, conditioning, sampler, N, reference "
+                        "or extractor: split them into rows (default) or refuse, naming the differing key")
     p.add_argument("--out", help="output folder")
     p.add_argument("--no-wandb-table", action="store_true")
     args = p.parse_args(argv)
     table, files = make_table(args.paths, args.wandb_project, args.wandb_entity, args.wandb_group, args.wandb_tags,
-                              args.group_by, args.out, not args.no_wandb_table)
+                              args.group_by, args.out, not args.no_wandb_table, mixed=args.mixed)
     print(to_markdown(table))
     print("written:", ", ".join(str(f) for f in files.values()))
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy import linalg
 
-from metrics.feature_metrics import (FrechetDistance, InceptionScore, KernelInceptionDistance, PrecisionRecall,
+from metrics.feature_metrics import (density_coverage, FrechetDistance, InceptionScore, KernelInceptionDistance, PrecisionRecall,
                                      frechet_distance, inception_score, kernel_inception_distance, mean_cov,
                                      precision_recall_density_coverage)
 
@@ -121,13 +121,142 @@ def test_precision_recall_density_coverage_equal_prdc(features, k):
     ours = precision_recall_density_coverage(torch.from_numpy(real), torch.from_numpy(fake), k=k, chunk=64)
     for name in ("precision", "recall", "density", "coverage"):
         assert ours[name] == pytest.approx(float(ref[name]), abs=1e-9), name
-    metric = PrecisionRecall(torch.from_numpy(real), k=k, chunk=100)
+    metric = PrecisionRecall(torch.from_numpy(real), pr_k=k, dc_k=k, chunk=100)
     metric.update(torch.from_numpy(fake[250:]), torch.arange(250, 500))
     metric.update(torch.from_numpy(fake[:250]), torch.arange(250))
     assert metric.compute() == pytest.approx(ours)
+
+
+def test_density_coverage_take_their_own_k(features):
+    """Precision/recall at k = 3 (Kynkaanniemi et al., the ADM evaluator) and density/coverage at
+    k = 5 (Naeem et al.) in one metric, each equal to prdc at its own k."""
+    from prdc import compute_prdc
+
+    real, fake = features
+    at3 = compute_prdc(real_features=real, fake_features=fake, nearest_k=3)
+    at5 = compute_prdc(real_features=real, fake_features=fake, nearest_k=5)
+    metric = PrecisionRecall(torch.from_numpy(real), pr_k=3, dc_k=5, chunk=100)
+    metric.update(torch.from_numpy(fake), torch.arange(500))
+    got = metric.compute()
+    expected = {"precision": at3["precision"], "recall": at3["recall"], "density": at5["density"],
+                "coverage": at5["coverage"]}
+    assert got == pytest.approx({k: float(v) for k, v in expected.items()}, abs=1e-9)
+    assert at3["coverage"] != pytest.approx(at5["coverage"])      # the two k differ in these data
+
+
+def test_expected_coverage_of_identical_distributions_is_naeem_et_als_value():
+    """Naeem et al. 2020: for identical distributions E[coverage] = 1 - (N - 1)...(N - k) /
+    ((M + N - 1)...(M + N - k)) -> 1 - 1/2^k for M = N: 0.875 at k = 3, 0.969 at k = 5."""
+    rng = np.random.default_rng(3)
+    real = torch.from_numpy(rng.normal(size=(2000, 8)))
+    fake = torch.from_numpy(rng.normal(size=(2000, 8)))
+    for k, expected in ((3, 0.875), (5, 0.96875)):
+        assert density_coverage(real, fake, k)["coverage"] == pytest.approx(expected, abs=0.015)
 
 
 def test_prdc_of_identical_sets_is_perfect(features):
     real, _ = features
     r = precision_recall_density_coverage(torch.from_numpy(real), torch.from_numpy(real.copy()), k=3)
     assert r["precision"] == 1.0 and r["recall"] == 1.0 and r["coverage"] == 1.0
+
+
+def test_fid_infinity_is_closer_to_the_population_fid_than_fid_at_the_largest_n():
+    """Chong & Forsyth 2020: FID is biased by 1/N; extrapolating sub-sample FIDs to 1/N = 0 removes
+    it. Generated features from a known Gaussian, reference = the exact population statistics."""
+    from metrics.feature_metrics import fid_infinity
+
+    d, n = 64, 500
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(d, d)) / np.sqrt(d)
+    sigma_g, mu_g = 0.5 * np.eye(d) + a @ a.T, np.full(d, 0.1)
+    population = float(mu_g @ mu_g + np.trace(np.eye(d) + sigma_g - 2 * linalg.sqrtm(sigma_g).real))
+    ref_mu, ref_sigma = torch.zeros(d, dtype=torch.float64), torch.eye(d, dtype=torch.float64)
+    for seed in range(4):
+        x = torch.from_numpy(rng.multivariate_normal(mu_g, sigma_g, size=n))
+        fid_n = float(frechet_distance(*mean_cov(x), ref_mu, ref_sigma))
+        fit = fid_infinity(x, ref_mu, ref_sigma, seed=seed)
+        assert abs(fit["fid_inf"] - population) < 0.5 * abs(fid_n - population), (seed, fit["fid_inf"], fid_n, population)
+        assert fit["sizes"][0] == n // 2 and fit["sizes"][-1] == n and fit["slope"] > 0   # FID falls as N grows
+
+
+def test_extrapolation_recovers_an_exact_one_over_n_law():
+    from metrics.feature_metrics import extrapolate_to_infinity
+
+    sizes = np.array([100, 150, 200, 300, 400])
+    intercept, slope, residual = extrapolate_to_infinity(sizes, 2.5 + 40.0 / sizes)
+    assert intercept == pytest.approx(2.5) and slope == pytest.approx(40.0) and residual < 1e-12
+
+
+class CountingExtractor(torch.nn.Module):
+    """8-d features and 4 logits straight from the pixels; counts the images it sees."""
+    name, feature_dim, has_logits = "counting", 8, True
+
+    def __init__(self):
+        super().__init__()
+        self.images = 0
+
+    def forward(self, images):
+        self.images += images.shape[0]
+        x = images.float().flatten(1)[:, :8] / 255.0
+        return {"pool": x, "logits": x[:, :4] * 3}
+
+
+class UniformNoiseModel(torch.nn.Module):
+    """A 'generative model' whose samples are the per-sample streams' uniform noise."""
+    image_shape, device, likelihood_kind = (1, 4, 4), torch.device("cpu"), None
+
+    def sampler_kwargs(self, **kw):
+        return {}
+
+    def sampling_cost(self, **kw):
+        return {"nfe": 1.0}
+
+    def sample(self, n, generator=None, **kw):
+        return generator.rand(1, 4, 4)
+
+
+def _counting_metrics(real, names):
+    from metrics.features import FeatureMetrics
+    from metrics.reference import ReferenceStats
+
+    ref = torch.from_numpy(real[:300, :8])
+    mu, sigma = mean_cov(ref)
+    reference = ReferenceStats(mu, sigma, ref.float(), {"dataset": "x", "split": "train", "num_images": 300,
+                                                        "extractor": {"extractor": "counting"}})
+    return FeatureMetrics(CountingExtractor(), reference, names)
+
+
+def test_fid_and_is_infinity_come_from_the_one_extractor_pass(features):
+    """FID_inf and IS_inf sub-sample the features the evaluation already has: the extractor sees
+    each generated image once."""
+    from metrics.evaluation import Evaluator
+
+    fm = _counting_metrics(features[0], ["fid", "is"])
+    result = Evaluator(num_samples=64, batch_size=16, bpd_num_images=0, grid_size=0).evaluate(
+        UniformNoiseModel(), None, {}, [fm])
+    assert fm.extractor.images == 64
+    assert {"fid_inf", "fid_inf_residual", "is_inf"} <= set(result.metrics)
+    assert result.details["extractors"]["counting"]["fid_inf"]["sizes"][0] == 32
+
+
+def test_repeated_sample_sets_give_a_sampling_interval(features):
+    """evaluation.repeats=R: R independent sample sets; the metric is their mean and _ci95 the
+    Student-t half-width over them; the first set is the one a single evaluation draws."""
+    from scipy import stats
+
+    from metrics.evaluation import Evaluator
+
+    single = Evaluator(num_samples=64, batch_size=16, bpd_num_images=0, grid_size=0).evaluate(
+        UniformNoiseModel(), None, {}, [_counting_metrics(features[0], ["fid", "kid"])])
+    fm = _counting_metrics(features[0], ["fid", "kid"])
+    result = Evaluator(num_samples=64, batch_size=16, bpd_num_images=0, grid_size=4, repeats=3).evaluate(
+        UniformNoiseModel(), None, {}, [fm])
+    sets = result.details["repeats"]["per_set"]
+    fids = [m["fid"] for m in sets]
+    assert fm.extractor.images == 3 * 64 and len(set(fids)) == 3            # independent sets
+    assert fids[0] == pytest.approx(single.metrics["fid"])
+    assert result.metrics["fid"] == pytest.approx(np.mean(fids))
+    low, high = stats.t.interval(0.95, 2, loc=np.mean(fids), scale=stats.sem(fids))
+    assert result.metrics["fid_ci95"] == pytest.approx((high - low) / 2)
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        Evaluator(repeats=0)

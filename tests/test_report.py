@@ -65,14 +65,21 @@ def test_table_maths_best_marking_and_failed_runs(sweep):
     assert len(problems) == 3
     assert any("no results.json" in p for p in problems) and any("non-finite training loss" in p for p in problems)
     assert any("unreadable" in p for p in problems)
+    # 95% Student-t intervals over seeds, against scipy's own interval
+    from scipy import stats
+    low, high = stats.t.interval(0.95, 1, loc=12.0, scale=math.sqrt(8) / math.sqrt(2))
+    assert rows["ddpm"]["fid"].half_width == pytest.approx((high - low) / 2)            # 25.41 for 2 seeds
+    low, high = stats.t.interval(0.95, 2, loc=32.0, scale=2.0 / math.sqrt(3))
+    assert rows["gan"]["fid"].half_width == pytest.approx((high - low) / 2)
+    assert rows["realnvp"]["fid"].half_width == 0.0                                      # one seed: no interval
     md = to_markdown(table)
-    assert "**12.00 ± 2.83**" in md and "FID [classifier]" in md and "FID [inception_pool]" in md
+    assert "**12.00 ± 25.41**" in md and "FID [classifier]" in md and "FID [inception_pool]" in md
     assert "Failed or incomplete runs" in md and "non-finite training loss" in md
-    assert "3.000 (dequantized)" in md and "N = 256" in table.caption
+    assert "3.000 (dequantized)" in md and "num samples 256" in table.caption and "Student t" in table.caption
     tex = to_latex(table)
-    assert r"\toprule" in tex and r"\textbf{12.00 $\pm$ 2.83}" in tex
+    assert r"\toprule" in tex and r"\textbf{12.00 $\pm$ 25.41}" in tex
     csv_text = to_csv(table)
-    assert "fid_mean,fid_std,fid_best" in csv_text and "FAILED" in csv_text
+    assert "fid_mean,fid_std,fid_ci95,fid_best" in csv_text and "FAILED" in csv_text
 
 
 def test_group_by_a_config_key(sweep):
@@ -126,3 +133,39 @@ def test_cli_writes_three_formats(sweep, capsys):
     assert "| model |" in out and "Failed or incomplete runs" in out
     for ext in ("md", "tex", "csv"):
         assert (root / f"table.{ext}").is_file()
+
+
+def _write_runs(root, runs):
+    for i, r in enumerate(runs):
+        (root / str(i)).mkdir(parents=True)
+        (root / str(i) / "results.json").write_text(json.dumps(r))
+    return collect_local([root])
+
+
+def test_runs_that_differ_in_what_a_number_means_get_separate_rows(tmp_path):
+    """Two datasets, two N, two samplers: never averaged into one cell. Each differing setting
+    becomes a row key (a column); the settings every row shares go to the caption."""
+    ddim = {"name": "ddim", "steps": 50, "eta": 1.0}
+    runs = [{**_results("ddpm", s, 10.0 + s, 0.9), "sampler": ddim} for s in range(2)]
+    runs += [{**_results("ddpm", 0, 20.0, 0.9), "sampler": {"name": "ancestral", "steps": None, "eta": 1.0}}]
+    runs += [{**_results("ddpm", 0, 30.0, 0.9), "sampler": ddim, "num_samples": 1000}]
+    runs += [{**_results("ddpm", 0, 40.0, 0.9), "sampler": ddim, "dataset": "mnist"}]
+    table = build_table(_write_runs(tmp_path, runs))
+    assert table.group_by == ["model", "dataset", "sampler", "num_samples"]
+    cells = {(r["dataset"], r["sampler"], r["num_samples"]): r["fid"] for r in table.rows}
+    assert cells[("digits", "ddim-50 eta=1", "256")].n == 2 and cells[("digits", "ddim-50 eta=1", "256")].mean == 10.5
+    assert cells[("digits", "ancestral eta=1", "256")].mean == 20.0
+    assert cells[("digits", "ddim-50 eta=1", "1000")].mean == 30.0 and cells[("mnist", "ddim-50 eta=1", "256")].mean == 40.0
+    assert "image size 8" in table.caption and "unconditional" in table.caption
+
+
+def test_a_deliberately_mixed_row_is_refused_naming_the_key(tmp_path):
+    from metrics.report import IncomparableRunsError
+
+    runs = [_results("gan", 0, 30.0, 0.6), {**_results("gan", 1, 34.0, 0.7), "num_samples": 1000}]
+    records = _write_runs(tmp_path, runs)
+    with pytest.raises(IncomparableRunsError, match=r"differ in num_samples: \['1000', '256'\]"):
+        build_table(records, mixed="refuse")
+    with pytest.raises(IncomparableRunsError, match="differ in num_samples"):
+        make_table([str(tmp_path)], mixed="refuse")
+    assert len(build_table(records).rows) == 2          # the default splits them

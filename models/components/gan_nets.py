@@ -69,40 +69,44 @@ def _dcgan_init(m: nn.Module) -> None:
 
 class SNGANGenerator(nn.Module):
     """Miyato et al. 2018 Table 3(a): z(128) -> dense 4x4x512 -> deconv 256, 128, 64 (4x4, stride 2,
-    BN, ReLU) -> conv 3x3 to C, tanh. 32x32 output."""
+    BN, ReLU) -> conv 3x3 to C, tanh. 32x32 output. Widths are multiples of ``base_channels``
+    (the paper's: 64)."""
 
-    def __init__(self, channels: int = 3, image_size: int = 32, latent_dim: int = 128):
+    def __init__(self, channels: int = 3, image_size: int = 32, latent_dim: int = 128, base_channels: int = 64):
         super().__init__()
         if image_size != 32:
             raise ValueError(f"the SNGAN standard CNN generates 32x32 images; got image_size={image_size}")
-        self.latent_dim = latent_dim
-        self.fc = nn.Linear(latent_dim, 4 * 4 * 512)
+        self.latent_dim, b = latent_dim, base_channels
+        self.top = 8 * b
+        self.fc = nn.Linear(latent_dim, 4 * 4 * self.top)
         self.net = nn.Sequential(
-            nn.BatchNorm2d(512), nn.ReLU(True),
-            nn.ConvTranspose2d(512, 256, 4, 2, 1), nn.BatchNorm2d(256), nn.ReLU(True),
-            nn.ConvTranspose2d(256, 128, 4, 2, 1), nn.BatchNorm2d(128), nn.ReLU(True),
-            nn.ConvTranspose2d(128, 64, 4, 2, 1), nn.BatchNorm2d(64), nn.ReLU(True),
-            nn.Conv2d(64, channels, 3, 1, 1), nn.Tanh())
+            nn.BatchNorm2d(8 * b), nn.ReLU(True),
+            nn.ConvTranspose2d(8 * b, 4 * b, 4, 2, 1), nn.BatchNorm2d(4 * b), nn.ReLU(True),
+            nn.ConvTranspose2d(4 * b, 2 * b, 4, 2, 1), nn.BatchNorm2d(2 * b), nn.ReLU(True),
+            nn.ConvTranspose2d(2 * b, b, 4, 2, 1), nn.BatchNorm2d(b), nn.ReLU(True),
+            nn.Conv2d(b, channels, 3, 1, 1), nn.Tanh())
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.net(self.fc(z).view(-1, 512, 4, 4))
+        return self.net(self.fc(z).view(-1, self.top, 4, 4))
 
 
 class SNGANDiscriminator(nn.Module):
     """Miyato et al. 2018 Table 3(b): conv 3x3/4x4 pairs of 64, 128, 256 channels, conv 3x3 512,
-    LeakyReLU(0.1), all spectrally normalised, dense -> 1."""
+    LeakyReLU(0.1), all spectrally normalised, dense -> 1. Widths are multiples of
+    ``base_channels`` (the paper's: 64)."""
 
-    def __init__(self, channels: int = 3, image_size: int = 32, spectral: bool = True):
+    def __init__(self, channels: int = 3, image_size: int = 32, base_channels: int = 64, spectral: bool = True):
         super().__init__()
         if image_size != 32:
             raise ValueError(f"the SNGAN standard CNN discriminates 32x32 images; got image_size={image_size}")
-        spec = [(channels, 64, 3, 1), (64, 64, 4, 2), (64, 128, 3, 1), (128, 128, 4, 2),
-                (128, 256, 3, 1), (256, 256, 4, 2), (256, 512, 3, 1)]
+        b = base_channels
+        spec = [(channels, b, 3, 1), (b, b, 4, 2), (b, 2 * b, 3, 1), (2 * b, 2 * b, 4, 2),
+                (2 * b, 4 * b, 3, 1), (4 * b, 4 * b, 4, 2), (4 * b, 8 * b, 3, 1)]
         layers: list[nn.Module] = []
         for c_in, c_out, k, s in spec:
             layers += [_sn(nn.Conv2d(c_in, c_out, k, s, 1), spectral), nn.LeakyReLU(0.1, True)]
         self.net = nn.Sequential(*layers)
-        self.fc = _sn(nn.Linear(4 * 4 * 512, 1), spectral)
+        self.fc = _sn(nn.Linear(4 * 4 * 8 * b, 1), spectral)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.net(x).flatten(1)).flatten()
