@@ -66,14 +66,15 @@ class InterleavedBareStep(pl.Callback):
 
 
 class SyncDebug(pl.Callback):
-    """On a GPU, ``torch.cuda.set_sync_debug_mode("error")`` around every training batch after the
-    first: a host-device synchronisation in the hot loop is an error, not a silent stall."""
+    """On a GPU, ``torch.cuda.set_sync_debug_mode("error")`` around every training batch between
+    logging steps (which copy the logged losses to the host by design), after the first: a
+    host-device synchronisation in the hot loop is an error, not a silent stall."""
 
     def __init__(self, warmup: int = 1):
         self.warmup = warmup
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx >= self.warmup:
+        if batch_idx >= self.warmup and not pl_module.is_logging_step():
             torch.cuda.set_sync_debug_mode("error")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):

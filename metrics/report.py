@@ -23,7 +23,7 @@ FEATURE_COLUMNS = [("fid", "FID", False), ("fid_inf", "FID∞", False), ("is", "
                    ("precision", "Prec.", True), ("recall", "Rec.", True),
                    ("density", "Dens.", True), ("coverage", "Cov.", True)]
 OTHER_COLUMNS = [("bpd", "bits/dim", False), ("nfe", "NFE", False), ("sec_per_sample", "s/sample", False)]
-INFO_COLUMNS = [("num_params", "params"), ("train_steps", "steps")]
+INFO_COLUMNS = [("num_params", "params"), ("train_steps", "steps"), ("train_flops", "budget (TFLOP)")]
 
 
 @dataclass
@@ -279,6 +279,8 @@ def _fmt(row: dict, key: str, bold: tuple[str, str]) -> str:
         return "–"
     if key == "num_params":
         return f"{cell.mean / 1e6:.2f}M"
+    if key == "train_flops":
+        return f"{cell.mean / 1e12:.3g}"
     text = cell.text(_digits(key))
     if key == "bpd" and row.get("bpd_kind"):
         text += f" ({row['bpd_kind']})"

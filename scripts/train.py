@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metrics.callback import EvaluationCallback
 from metrics.results import RESULTS_FILE, write_json
+from models.compute import COMPUTE_FILE, ComputeTracker
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,8 @@ def ddp_strategy_for(model, strategy: Any) -> Any:
     return strategy
 
 
-def run_summary(cfg: DictConfig, model, trainer: pl.Trainer | None, evaluation: EvaluationCallback | None) -> dict:
+def run_summary(cfg: DictConfig, model, trainer: pl.Trainer | None, evaluation: EvaluationCallback | None,
+                compute: ComputeTracker | None = None) -> dict:
     """The results.json contract (see metrics/results.py SCHEMA_KEYS)."""
     final = evaluation.final_record() if evaluation is not None else None
     metrics: dict[str, float] = {}
@@ -104,6 +106,7 @@ def run_summary(cfg: DictConfig, model, trainer: pl.Trainer | None, evaluation: 
         "num_samples": final["num_samples"] if final is not None else None,
         "sampler": final["sampler"] if final is not None else None,
         "likelihood_kind": getattr(model, "likelihood_kind", None),
+        **(compute.record(cfg.paths.output_dir) if compute is not None else {}),
         "metrics": metrics,
         "details": final["details"] if final is not None else {},
         "tags": list(cfg.get("tags") or []),
@@ -129,7 +132,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model = trainer = evaluation = None
+    model = trainer = evaluation = compute = None
     loggers: list = []
     summary: dict[str, Any] = {}
     start = time.perf_counter()
@@ -146,9 +149,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if not loggers:  # logger=none: the LR monitor has nowhere to write and Lightning refuses it
             callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
         evaluation = next((cb for cb in callbacks if isinstance(cb, EvaluationCallback)), None)
+        compute = next((cb for cb in callbacks if isinstance(cb, ComputeTracker)), None)
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         from metrics.callback import FINAL_FILE
         (output_dir / FINAL_FILE).unlink(missing_ok=True)  # only this run's final evaluation may be read back
+        (output_dir / COMPUTE_FILE).unlink(missing_ok=True)
         strategy = ddp_strategy_for(model, cfg.trainer.get("strategy", "auto"))
         # DDP children run this job, not the sweep (scripts/ddp_launch.py); the Trainer must be
         # built after they exist (it picks its cluster environment when built)
@@ -159,10 +164,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             start = time.perf_counter()
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        summary = run_summary(cfg, model, trainer, evaluation)
+        summary = run_summary(cfg, model, trainer, evaluation, compute)
         summary["status"] = "ok"
     except BaseException as err:
-        summary = run_summary(cfg, model, trainer, evaluation)
+        summary = run_summary(cfg, model, trainer, evaluation, compute)
         summary.update(status="failed", error=f"{type(err).__name__}: {err}",
                        traceback=traceback.format_exc(limit=20))
         raise

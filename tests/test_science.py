@@ -200,3 +200,39 @@ def test_vae_preset_is_what_its_source_note_says(tmp_path):
     assert model.likelihood == "discretized_logistic" and model.iw_samples == 100 and model.latent_dim == 128
     assert model.configure_optimizers()["optimizer"].defaults["lr"] == 2e-4 and cfg.datamodule.batch_size == 128
     assert model.kl_warmup_steps == 10_000
+
+
+def test_training_compute_is_counted_on_a_copy_and_scales_with_images(tmp_path):
+    """FLOPs per training image equal torch's FlopCounterMode on a whole batch divided by its size
+    (the count is linear), counting leaves the run untouched (weights, BN statistics, random
+    stream), and the budget is FLOPs per image x images trained."""
+    import copy
+
+    import pytorch_lightning as pl
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models.compute import ComputeTracker, training_flops_per_image
+
+    cfg = compose_train(["experiment=digits_gan", "datamodule.batch_size=32"], tmp_path)
+    model = hydra.utils.instantiate(cfg.model)
+    dm = hydra.utils.instantiate(cfg.datamodule)
+    dm.setup()
+    images = next(iter(dm.train_dataloader()))[0]
+    before, rng = copy.deepcopy(model.state_dict()), torch.get_rng_state()
+    per_image = training_flops_per_image(model, images)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    probe = copy.deepcopy(model)
+    with FlopCounterMode(display=False) as whole:
+        probe.discriminator_step_loss(images).backward()
+        probe.generator_step_loss(images.shape[0]).backward()
+    assert per_image == pytest.approx(whole.get_total_flops() / images.shape[0], rel=1e-6)
+    tracker = ComputeTracker()
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, max_steps=10,
+                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=[tracker],
+                         default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=dm)
+    record = tracker.record()
+    assert record["train_images"] == 5 * 32 and record["train_flops"] == pytest.approx(per_image * 160, rel=1e-6)
+    assert ComputeTracker().record(tmp_path) == pytest.approx(record)     # what a spawned run's parent reads

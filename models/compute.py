@@ -1,0 +1,74 @@
+"""Training compute of a run: model FLOPs of one training batch (forward + backward, counted by
+torch.utils.flop_counter on the family's own loss functions), times the batches trained."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
+
+from models.rng import isolated_rng
+
+COMPUTE_FILE = "compute.json"
+
+
+def training_flops_per_image(module, images: Tensor, probe_images: int = 2) -> float:
+    """FLOPs of one training step per image, counted on ``probe_images`` images (FLOPs of these
+    networks are linear in the batch) of a copy of ``module``: the run's weights, batch-norm
+    statistics and random stream are left exactly as they were. The GAN's batch is one D update
+    and 1 / n_critic G updates (what it averages to); optimizer and EMA updates are not counted,
+    as MFU does not count them."""
+    probe = copy.deepcopy(module).train()
+    x = images[:probe_images]
+    with isolated_rng(0), FlopCounterMode(display=False) as counter:
+        if hasattr(probe, "discriminator_step_loss"):
+            probe.discriminator_step_loss(x).backward()
+            d_flops = counter.get_total_flops()
+            probe.generator_step_loss(x.shape[0]).backward()
+            total = d_flops + (counter.get_total_flops() - d_flops) / probe.n_critic
+        else:
+            probe.training_loss(x)["loss"].backward()
+            total = counter.get_total_flops()
+    return float(total) / x.shape[0]
+
+
+class ComputeTracker(pl.Callback):
+    """Counts the images a run trains on and the FLOPs per image of its training step; their
+    product is the run's training budget (``train_flops`` in results.json). Survives resume."""
+
+    def __init__(self):
+        self.flops_per_image: float | None = None
+        self.train_images = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.flops_per_image is None:
+            self.flops_per_image = training_flops_per_image(pl_module, batch[0])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.train_images += int(batch[0].shape[0]) * trainer.world_size
+
+    def state_dict(self) -> dict:
+        return {"flops_per_image": self.flops_per_image, "train_images": self.train_images}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.flops_per_image = state_dict.get("flops_per_image")
+        self.train_images = int(state_dict.get("train_images", 0))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # read back by train() when training ran in forked/spawned processes (their counts stay there)
+        if trainer.is_global_zero:
+            from metrics.results import write_json
+            write_json(Path(trainer.default_root_dir) / COMPUTE_FILE, self.record())
+
+    def record(self, output_dir: str | Path | None = None) -> dict:
+        """{"flops_per_image", "train_images", "train_flops"} for results.json; from the file rank 0
+        wrote in ``output_dir`` when this process did not train itself."""
+        file = Path(output_dir) / COMPUTE_FILE if output_dir is not None else None
+        if self.train_images == 0 and file is not None and file.is_file():
+            return json.loads(file.read_text())
+        per = self.flops_per_image or 0.0
+        return {"flops_per_image": per, "train_images": self.train_images, "train_flops": per * self.train_images}
