@@ -27,9 +27,17 @@ from models.compute import COMPUTE_FILE, ComputeTracker
 
 log = logging.getLogger(__name__)
 
-# Our training order resumes mid-epoch exactly (datamodules/sampler.py skips the batches done),
-# which Lightning cannot see from the DataLoader; its warning would say the opposite.
+# Warnings a user of genbench cannot act on, each for its reason (everything else is shown):
+# - our training order resumes mid-epoch exactly (datamodules/sampler.py skips the batches done),
+#   which Lightning cannot see from the DataLoader; its warning would say the opposite;
+# - the EMA copies (components/ema.py) are in eval mode by design, not by mistake;
+# - manual optimization (the GAN) checkpoints the state after the optimizer step, which is what
+#   exact resume needs;
+# - a deprecation inside Lightning's own use of torch's pytree (fixed there, not here).
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization and every_n_train_steps")
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
 class CheckpointError(RuntimeError):

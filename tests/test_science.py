@@ -102,7 +102,7 @@ def _closed_form_bpd(diffusion, x0: float, mu: float, s: float) -> float:
     exact; L_0's expectation over x_1 by 96-point Gauss-Hermite quadrature."""
     abar = diffusion.alphas_cumprod.numpy()
     c1 = diffusion.posterior_mean_coef1.numpy()
-    var_q, logvar_p = diffusion.posterior_variance.numpy(), diffusion.model_log_variance.numpy()
+    logvar_p = diffusion.model_log_variance.numpy()
     logvar_q = diffusion.posterior_log_variance_clipped.numpy()
     A = (1 - (1 - abar) / (abar * s ** 2 + 1 - abar)) / np.sqrt(abar)                # x^_0 = A x_t + B
     B = (1 - abar) * np.sqrt(abar) * mu / (abar * s ** 2 + 1 - abar) / np.sqrt(abar)
