@@ -58,6 +58,12 @@ class GenerativeModule(TrainingLoopMixin, ExactResumeMixin, pl.LightningModule):
         """Network function evaluations per sample, e.g. {"nfe": 1000}."""
         raise NotImplementedError
 
+    def training_loss(self, images: Tensor) -> dict[str, Tensor]:
+        """{"loss": the scalar a training step minimises, ...} for a batch of images in [0, 1]: what
+        ``training_step`` calls, and what the benchmark's bare loop and the compute count call
+        (the GAN has two: ``discriminator_step_loss`` and ``generator_step_loss``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose its training loss")
+
     def networks(self) -> list[str]:
         """Attribute names of the networks trained every step (what ``FastPaths`` compiles)."""
         return []

@@ -33,10 +33,6 @@ class SampleNoise:
         return torch.stack([torch.rand(shape, generator=g, device=self.device, dtype=dtype)
                             for g in self.generators])
 
-    def randint(self, high: int) -> Tensor:
-        """(len(seeds),) integers uniform in 0..high-1, one per stream."""
-        return torch.cat([torch.randint(high, (1,), generator=g, device=self.device) for g in self.generators])
-
 
 #: where random draws come from: per-sample streams, one generator, or the global RNG (None)
 Noise = SampleNoise | torch.Generator | None

@@ -240,3 +240,10 @@ def test_gan_ema_generator_samples_with_batch_norm_statistics_of_its_own_weights
     model.ema.update(model.generator)     # new weights: estimated again
     model.sample(8)
     assert not torch.equal(ema[0].running_mean, refreshed[0] + 1.0)
+
+
+def test_realnvp_l2_on_weight_norm_scales_needs_weight_norm(tmp_path):
+    cfg = compose_train(["experiment=digits_realnvp", "model.flow.norm=batch"], tmp_path)
+    model = hydra.utils.instantiate(cfg.model)
+    with pytest.raises(ValueError, match="scale_l2 penalises weight-normalisation scales"):
+        model.configure_optimizers()
