@@ -1,4 +1,5 @@
-"""The main job: the four families x seeds on digits, one shared evaluation, then table and plots.
+"""The main job: the four families x seeds on digits at one matched training budget (equal FLOPs),
+one shared evaluation, then table and plots.
 
     python scripts/main_job.py                      # what `make main` runs (offline, CPU, <= 15 min on 2 cores)
     python scripts/main_job.py --seeds 0 1 2 3 4 --out logs/main/mine
@@ -28,7 +29,10 @@ from metrics.report import build_table, collect_local, to_markdown, write_table
 from scripts.overview import clock, watch
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("ddpm", "realnvp", "vae", "gan")  # longest first: the two parallel workers finish together
+FAMILIES = ("gan", "ddpm", "realnvp", "vae")  # longest first: the two parallel workers finish together
+#: every family at the same training budget (1.0 TFLOP; conf/experiment/digits_matched_*.yaml);
+#: "digits_{}" trains each at its own preset's budget instead
+MATCHED_PRESET = "digits_matched_{}"
 MAIN_OVERRIDES = ["evaluation.reference.num_images=300"]
 NFE_SAMPLERS = [(f"DDIM-{steps}" + (" eta=1" if eta else ""), {"name": "ddim", "steps": steps, "eta": eta})
                 for eta in (0.0, 1.0) for steps in (10, 20, 50, 100)]
@@ -105,7 +109,7 @@ def fid_vs_nfe(ddpm_run: Path, out: Path, num_samples: int, extra: list[str],
     return points
 
 
-def run_main_job(out: Path, seeds: list[int], families=FAMILIES, preset: str = "digits_{}",
+def run_main_job(out: Path, seeds: list[int], families=FAMILIES, preset: str = MATCHED_PRESET,
                  extra: list[str] = (), nfe_samples: int = 128, jobs: int = 2) -> dict:
     """``preset`` with "{}" is one experiment per family (digits_gan, ...); without, one shared
     experiment swept over model=... (e.g. "smoke")."""
@@ -152,7 +156,9 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--nfe-samples", type=int, default=128, help="samples per point of the FID-vs-NFE curve")
     p.add_argument("--jobs", type=int, default=2, help="jobs run side by side (1 thread each)")
-    p.add_argument("--preset", default="digits_{}", help='experiment per family ("{}" = family) or one shared one')
+    p.add_argument("--preset", default=MATCHED_PRESET,
+                   help='experiment per family ("{}" = family) or one shared one; default: the compute-matched '
+                        'presets; "digits_{}" = each family at its own preset budget')
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. trainer.max_steps=100")
     args = p.parse_args(argv)
     out = args.out or ROOT / "logs" / "main" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
