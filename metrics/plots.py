@@ -37,8 +37,10 @@ def mean_and_interval(values: Sequence[float]) -> tuple[float, float]:
     return mean, t_half_width(std, len(values))
 
 
-def plot_fid_vs_step(records: Sequence[RunRecord], out_stem: Path, metric: str = "fid") -> list[Path]:
-    """Per family: the mean over seeds at each evaluation step, the 95% interval as a band."""
+def plot_fid_vs_step(records: Sequence[RunRecord], out_stem: Path, metric: str = "fid",
+                     compute: bool = False) -> list[Path]:
+    """Per family: the mean over seeds at each evaluation step, the 95% interval as a band; with
+    ``compute`` against the training compute spent by then (TFLOP: step x train_flops / train_steps)."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     extractor = None
     families = sorted({r.results["model"] for r in records if r.ok})
@@ -54,9 +56,14 @@ def plot_fid_vs_step(records: Sequence[RunRecord], out_stem: Path, metric: str =
         steps = sorted(by_step)
         stats = [mean_and_interval(by_step[s]) for s in steps]
         means = [m for m, _ in stats]
-        ax.plot(steps, means, marker="o", ms=3, color=f"C{i}", label=family)
-        ax.fill_between(steps, [m - h for m, h in stats], [m + h for m, h in stats], color=f"C{i}", alpha=0.2)
-    ax.set_xlabel("training step (optimizer steps)")
+        x = steps
+        if compute:
+            first = next(r.results for r in records if r.ok and r.results["model"] == family)
+            per_step = (first.get("train_flops") or 0.0) / max(first.get("train_steps") or 1, 1) / 1e12
+            x = [s * per_step for s in steps]
+        ax.plot(x, means, marker="o", ms=3, color=f"C{i}", label=family)
+        ax.fill_between(x, [m - h for m, h in stats], [m + h for m, h in stats], color=f"C{i}", alpha=0.2)
+    ax.set_xlabel("training compute (TFLOP)" if compute else "training step (optimizer steps)")
     ax.set_ylabel(f"{metric.upper()} [{extractor}]")
     ax.set_yscale("log")
     ax.legend()

@@ -137,6 +137,7 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, preset: str = M
     files = write_table(table, out)
     plots = out / "plots"
     plot_fid_vs_step(records, plots / "fid_vs_step")
+    plot_fid_vs_step(records, plots / "fid_vs_compute", compute=True)
     plot_precision_recall(records, plots / "precision_recall")
     if points:
         plot_fid_vs_nfe(points, plots / "fid_vs_nfe")

@@ -31,10 +31,11 @@ def test_plots_are_written_as_png_and_pdf(runs, tmp_path):
     records = collect_local([runs])
     out = tmp_path / "plots"
     written = plot_fid_vs_step(records, out / "fid_vs_step") + plot_precision_recall(records, out / "pr")
+    written += plot_fid_vs_step(records, out / "fid_vs_compute", compute=True)
     written += plot_fid_vs_nfe([{"label": "DDIM-10", "nfe": 10, "fid": 20.0}, {"label": "DDIM-50", "nfe": 50, "fid": 12.0},
                                 {"label": "ancestral-1000", "nfe": 1000, "fid": 10.0}], out / "nfe")
     written += plot_sample_grids({r.results["model"]: final_grid(r) for r in records}, out / "samples")
-    assert len(written) == 8
+    assert len(written) == 10
     for path in written:
         assert path.stat().st_size > 1000
     assert Image.open(out / "samples.png").size[0] > 300
