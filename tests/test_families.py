@@ -181,6 +181,7 @@ def test_iwae_bound_tightens_as_k_grows(trained_vae):
 
 # ----------------------------------------------------------------------------- every family end to end
 
+@pytest.mark.slow   # 75 s; tests/test_train.py's ddp_cpu multirun also trains all four families
 def test_multirun_smoke_of_all_four_families(tmp_path, shared_cache):
     """`python scripts/train.py -m model=gan,vae,realnvp,ddpm experiment=smoke` as users run it."""
     env = {**os.environ, "WANDB_MODE": "offline", "GENBENCH_CACHE": str(shared_cache)}
