@@ -10,8 +10,8 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks import training
-from benchmarks.bare_loop import bare_step_fn
 from benchmarks.configs import build, compose_cfg
+from models.compute import training_flops_per_image as count_training_flops
 
 #: each switch flipped against the default config (name, overrides)
 FAST_PATHS = {
@@ -50,15 +50,10 @@ def applicable_switches(family: str, names: list[str]) -> list[str]:
 
 
 def training_flops_per_image(family: str, device, batch_size: int, overrides: tuple[str, ...] = ()) -> float:
-    """Model FLOPs of one training step per image (forward + backward, counted by
-    torch.utils.flop_counter on the real step; optimizer and EMA excluded, as MFU counts them)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    """Model FLOPs of one training step per image: the count every run records
+    (models.compute.training_flops_per_image), on the family's composed config."""
     _, dm, model = build(family, device, batch_size, overrides)
-    x = next(iter(dm.train_dataloader()))[0].to(device)
-    step = bare_step_fn(family, model)
-    with FlopCounterMode(display=False) as counter:
-        step(x)
-    return counter.get_total_flops() / batch_size
+    return count_training_flops(model, next(iter(dm.train_dataloader()))[0].to(device))
 
 
 def _throughput_in_child(threads: int, args: tuple, kwargs: dict) -> float:
