@@ -79,8 +79,21 @@ class ImageDataModule(pl.LightningDataModule):
             if tuple(image.shape) != self.image_shape:
                 raise ValueError(f"dataset {self.name!r} yields images of shape {tuple(image.shape)}, "
                                  f"config expects {self.image_shape}; fix datamodule.channels/image_size")
+            labels = getattr(ds, "labels", None)
+            found = int(max(labels)) + 1 if labels is not None and len(labels) else 0
+            if self.num_classes >= 2 and found > self.num_classes:
+                raise ValueError(f"dataset {self.name!r} has labels up to {found - 1} but datamodule.num_classes="
+                                 f"{self.num_classes}; set datamodule.num_classes={found}")
             self._splits[split] = ds
         return self._splits[split]
+
+    def class_frequencies(self) -> list[float] | None:
+        """The training split's class frequencies (None for an unlabelled dataset): what
+        ``evaluation.labels=dataset`` draws the classes of a conditional model's samples from."""
+        if self.num_classes < 2:
+            return None
+        labels = torch.as_tensor(self.split("train").labels).long()
+        return (torch.bincount(labels, minlength=self.num_classes).double() / labels.numel()).tolist()
 
     def _loader(self, dataset: Dataset, sampler=None) -> DataLoader:
         # A private generator: creating an iterator must not draw from the global RNG, whose

@@ -11,6 +11,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from metrics.evaluation import EvaluationResult, Evaluator, save_png
 from metrics.results import append_jsonl, write_json
+from models.base import GenerativeModule
 from models.rng import isolated_rng
 
 FINAL_FILE = "eval_final.json"
@@ -38,12 +39,14 @@ class EvaluationCallback(pl.Callback):
                  output_dir: str = ".", extractor: str | None = None, final_extractors: list[str] | None = None,
                  metrics: list[str] | str = "auto", reference: dict[str, Any] | None = None,
                  cache_dir: str = ".cache", weights_path: str | None = None, pr_k: int = 3, dc_k: int = 5,
-                 bpd_during_training: bool = False, repeats: int = 1):
+                 bpd_during_training: bool = False, repeats: int = 1, labels: str = "uniform",
+                 intra_fid: bool = False):
         super().__init__()
         self.every_n_steps = int(every_n_steps)
         self.sampler, self.final_sampler = dict(sampler or {}), dict(final_sampler or {})
         self.output_dir = Path(output_dir)
-        self.evaluator = Evaluator(num_samples, batch_size, bpd_num_images, grid_size, seed, repeats)
+        self.evaluator = Evaluator(num_samples, batch_size, bpd_num_images, grid_size, seed, repeats, labels)
+        self.intra_fid = bool(intra_fid)
         self.extractor = extractor
         self.final_extractors = [e for e in (final_extractors or []) if e != extractor]
         self.metric_names = metrics if isinstance(metrics, str) else list(metrics)
@@ -93,11 +96,13 @@ class EvaluationCallback(pl.Callback):
         return None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if self.is_due(pl_module.global_step, trainer.max_steps):
+        if isinstance(pl_module, GenerativeModule) and self.is_due(pl_module.global_step, trainer.max_steps):
             self.run(trainer, pl_module, final=False)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
-        self.final = self.run(trainer, pl_module, final=True)
+        # a module that samples nothing (the noise-aware classifier) has nothing to evaluate here
+        if isinstance(pl_module, GenerativeModule):
+            self.final = self.run(trainer, pl_module, final=True)
 
     def feature_sets(self, datamodule, device, final: bool) -> list:
         """The FeatureMetrics of this evaluation, built (and references cached) on first use."""
@@ -108,7 +113,7 @@ class EvaluationCallback(pl.Callback):
                 self._feature_sets[name] = build_feature_metrics(
                     name, datamodule, self.cache_dir, self.reference["split"], self.reference["num_images"],
                     self.metric_names, device, self.evaluator.batch_size, self.weights_path,
-                    seed=self.evaluator.seed, pr_k=self.pr_k, dc_k=self.dc_k)
+                    seed=self.evaluator.seed, pr_k=self.pr_k, dc_k=self.dc_k, intra_fid=self.intra_fid)
             self._feature_sets[name].to(device)
         return [self._feature_sets[n] for n in names]
 
@@ -121,7 +126,7 @@ class EvaluationCallback(pl.Callback):
         feature_sets = self.feature_sets(datamodule, pl_module.device, final) if datamodule is not None else []
         with isolated_rng():  # evaluation never shifts the training noise stream (exact resume)
             result = self.evaluator.evaluate(pl_module, test_set, self.final_sampler if final else self.sampler,
-                                             feature_sets)
+                                             feature_sets, datamodule.class_frequencies() if datamodule is not None else None)
         self.eval_seconds += time.perf_counter() - t0
         self._last_step = step
         if trainer.is_global_zero:

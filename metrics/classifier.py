@@ -78,7 +78,7 @@ def train_classifier(train_set: Dataset, test_set: Dataset, channels: int, num_c
 
 
 class ClassifierExtractor(FeatureExtractor):
-    name, has_logits = "classifier", True
+    name, has_logits, classifies_dataset = "classifier", True, True
 
     def __init__(self, net: SmallCNN, key: str, test_accuracy: float):
         super().__init__()

@@ -25,7 +25,9 @@ from metrics.intervals import mean_std, t_half_width
 from metrics.results import BPD_KINDS
 from metrics.distributed import all_reduce_sum, gather_by_index, rank_and_world, shard
 from models.images import bits_per_dim, check_images
-from models.noise import SampleNoise
+from models.noise import SampleNoise, sample_labels
+
+LABEL_DISTRIBUTIONS = ("uniform", "dataset")
 
 SEED_STRIDE = 10 ** 9
 
@@ -72,10 +74,15 @@ class Evaluator:
         grid_size: images in the sample grid.
         seed: base seed of the per-sample streams.
         repeats: independent sample sets scored (a sampling interval for one checkpoint).
+        labels: the classes of a conditional model's samples: "uniform", or "dataset" (the training
+            split's class frequencies, passed to :meth:`evaluate`).
     """
 
     def __init__(self, num_samples: int = 256, batch_size: int = 256, bpd_num_images: int = 64,
-                 grid_size: int = 64, seed: int = 0, repeats: int = 1):
+                 grid_size: int = 64, seed: int = 0, repeats: int = 1, labels: str = "uniform"):
+        if labels not in LABEL_DISTRIBUTIONS:
+            raise ValueError(f"evaluation.labels must be one of {LABEL_DISTRIBUTIONS}, got {labels!r}")
+        self.label_distribution = labels
         if num_samples < 1:
             raise ValueError(f"evaluation.num_samples must be >= 1, got {num_samples}")
         if int(repeats) < 1:
@@ -87,40 +94,60 @@ class Evaluator:
     def _seeds(self, indices: list[int], offset: int = 0) -> list[int]:
         return [(self.seed + offset) * SEED_STRIDE + i for i in indices]
 
+    def labels_of(self, indices: Sequence[int], num_classes: int | None, offset: int = 0,
+                  frequencies: Sequence[float] | None = None) -> Tensor | None:
+        """The intended class of each sample (from its own seed); None for a model that takes none."""
+        if num_classes is None:
+            return None
+        probabilities = frequencies if self.label_distribution == "dataset" else None
+        if self.label_distribution == "dataset" and frequencies is None:
+            raise ValueError("evaluation.labels=dataset needs the training split's class frequencies")
+        return sample_labels(self._seeds(indices, offset), num_classes, probabilities)
+
     @torch.no_grad()
     def generate(self, module, sampler: dict[str, Any],
-                 consume: Callable[[Tensor, list[int]], None], offset: int = 0) -> float:
+                 consume: Callable[[Tensor, list[int], Tensor | None], None], offset: int = 0,
+                 frequencies: Sequence[float] | None = None) -> float:
         """Draw this rank's share of the samples in batches, pass each uint8 batch (with its global
-        indices) to ``consume``; return the seconds spent sampling on this rank. ``offset`` selects
-        an independent set of per-sample seeds (a repeat)."""
+        indices and intended labels) to ``consume``; return the seconds spent sampling on this rank.
+        ``offset`` selects an independent set of per-sample seeds (a repeat)."""
         rank, world = rank_and_world()
         mine = list(shard(self.num_samples, rank, world))
+        num_classes = module.label_classes(**sampler)
         seconds = 0.0
         for start in range(0, len(mine), self.batch_size):
             idx = mine[start:start + self.batch_size]
             noise = SampleNoise(self._seeds(idx, offset), module.device)
+            labels = self.labels_of(idx, num_classes, offset, frequencies)
+            if labels is not None:
+                labels = labels.to(module.device)
             if module.device.type == "cuda":
                 torch.cuda.synchronize(module.device)
             t0 = time.perf_counter()
-            images = module.sample(len(idx), generator=noise, **sampler)
+            images = module.sample(len(idx), generator=noise, labels=labels, **sampler)
             if module.device.type == "cuda":
                 torch.cuda.synchronize(module.device)
             seconds += time.perf_counter() - t0
             check_images(images, module.image_shape, f"{type(module).__name__}.sample")
-            consume(quantize(images), idx)
+            consume(quantize(images), idx, labels)
         return seconds
 
     @torch.no_grad()
     def bits_per_dim(self, module, test_set: Dataset) -> float:
-        """Mean bits/dim over the first ``bpd_num_images`` test images, sharded across processes."""
+        """Mean bits/dim over the first ``bpd_num_images`` test images, sharded across processes
+        (a conditional model's: -log p(x | y) with each image's own label)."""
         n = min(self.bpd_num_images, len(test_set))
         rank, world = rank_and_world()
         mine = list(shard(n, rank, world))
         total = torch.zeros(2, dtype=torch.float64, device=module.device)
         for start in range(0, len(mine), self.batch_size):
             idx = mine[start:start + self.batch_size]
-            x = torch.stack([test_set[i][0] for i in idx]).to(module.device)
-            nats = -module.log_likelihood(x, generator=SampleNoise(self._seeds(idx, offset=1), module.device))
+            items = [test_set[i] for i in idx]
+            x = torch.stack([item[0] for item in items]).to(module.device)
+            labels = torch.tensor([int(item[1]) for item in items], device=module.device) \
+                if module.num_classes is not None else None
+            nats = -module.log_likelihood(x, generator=SampleNoise(self._seeds(idx, offset=1), module.device),
+                                          labels=labels)
             bpd = bits_per_dim(nats.double(), module.num_dims)
             if not torch.isfinite(bpd).all():
                 raise FloatingPointError(f"{type(module).__name__}.log_likelihood returned non-finite values")
@@ -135,10 +162,12 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, module, test_set: Dataset | None, sampler: dict[str, Any] | None = None,
-                 feature_sets: Sequence = ()) -> EvaluationResult:
+                 feature_sets: Sequence = (), class_frequencies: Sequence[float] | None = None) -> EvaluationResult:
         """Draw ``repeats`` independent sets of ``num_samples`` samples and score each; the metrics
         are the means over the sets and, with more than one set, ``<metric>_ci95`` the half-width
-        of their 95% Student-t interval (the sampling uncertainty of this one model)."""
+        of their 95% Student-t interval (the sampling uncertainty of this one model). Samples of a
+        class-conditional model (or a classifier-guided one) carry intended labels, recorded in
+        ``details["labels"]``, which the feature sets score as ``class_acc`` (and intra-FID)."""
         sampler = module.sampler_kwargs(**(sampler or {}))
         was_training = module.training
         module.eval()
@@ -151,18 +180,18 @@ class Evaluator:
                 for fs in feature_sets:
                     fs.reset_generated()
 
-                def consume(images: Tensor, idx: list[int]) -> None:
+                def consume(images: Tensor, idx: list[int], labels: Tensor | None) -> None:
                     keep = [k for k, i in enumerate(idx) if i < self.grid_size] if repeat == 0 else []
                     if keep:
                         grid_parts.append(images[keep].cpu())
                         grid_idx.extend(idx[k] for k in keep)
                     for fs in feature_sets:
-                        fs.update_generated(images, idx)
+                        fs.update_generated(images, idx, labels)
 
-                seconds = self.generate(module, sampler, consume, self.repeat_offset(repeat))
+                seconds = self.generate(module, sampler, consume, self.repeat_offset(repeat), class_frequencies)
                 total_seconds = float(all_reduce_sum(torch.tensor([seconds], dtype=torch.float64,
                                                                   device=module.device))[0])
-                metrics: dict[str, float] = {"nfe": float(module.sampling_cost(**sampler)["nfe"]),
+                metrics: dict[str, float] = {**{k: float(v) for k, v in module.sampling_cost(**sampler).items()},
                                              "sec_per_sample": total_seconds / self.num_samples}
                 for k, fs in enumerate(feature_sets):
                     values, fs_details = fs.compute(self.num_samples)
@@ -174,9 +203,15 @@ class Evaluator:
             metrics = {key: mean_std([m[key] for m in sets])[0] for key in sets[0]}
             if self.repeats > 1:
                 for key in sets[0]:
-                    if key not in ("nfe", "sec_per_sample"):
+                    if key not in ("nfe", "classifier_nfe", "sec_per_sample"):
                         metrics[f"{key}_ci95"] = t_half_width(mean_std([m[key] for m in sets])[1], self.repeats)
                 details["repeats"] = {"count": self.repeats, "per_set": sets}
+            num_classes = module.label_classes(**sampler)
+            if num_classes is not None:  # a pure function of the seeds: every rank can list them all
+                labels = self.labels_of(range(self.num_samples), num_classes, 0, class_frequencies)
+                details["labels"] = {"distribution": self.label_distribution, "num_classes": num_classes,
+                                     "counts": torch.bincount(labels, minlength=num_classes).tolist(),
+                                     "sampled": labels.tolist()}
             if module.likelihood_kind is not None and self.bpd_num_images > 0 and test_set is not None:
                 metrics["bpd"] = self.bits_per_dim(module, test_set)
                 details["bpd_kind"] = BPD_KINDS[module.likelihood_kind]

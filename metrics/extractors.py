@@ -56,6 +56,8 @@ class FeatureExtractor(nn.Module):
     name: str = "base"
     feature_dim: int = 0
     has_logits: bool = False
+    #: its logits are the dataset's own classes (a classifier trained on its labels): class_acc
+    classifies_dataset: bool = False
 
     def cache_key(self) -> dict:
         """What identifies this extractor's features (weights and preprocessing) in cache keys."""

@@ -7,6 +7,7 @@ not depend on how samples were split across processes or batches.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -203,6 +204,43 @@ class GeneratedFeatures(Metric):
         return self.ordered()
 
 
+class ClassAccuracy(Metric):
+    """Accuracy of the dataset classifier on generated samples against their intended labels
+    (``class_acc``; the "classification accuracy score" idea of Ravuri & Vinyals 2019, here with
+    a classifier trained on real data scoring the samples)."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.add_state("correct", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("total", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, logits: Tensor, labels: Tensor) -> None:
+        self.correct += (logits.argmax(1) == labels.to(logits.device)).sum()
+        self.total += labels.numel()
+
+    def compute(self) -> Tensor:
+        return self.correct / self.total.clamp(min=1)
+
+
+def intra_fid(gen_features: Tensor, gen_labels: Tensor, ref_features: Tensor, ref_labels: Tensor,
+              num_classes: int) -> dict[str, Any]:
+    """Intra-FID (Miyato & Koyama 2018, Sec. 5): the FID of each class's samples against that class's
+    real images, averaged over classes (classes with fewer than 2 samples on either side are skipped
+    and listed)."""
+    per_class, skipped = {}, []
+    for c in range(num_classes):
+        g, r = gen_features[gen_labels == c], ref_features[ref_labels == c]
+        if g.shape[0] < 2 or r.shape[0] < 2:
+            skipped.append(c)
+            continue
+        per_class[c] = float(frechet_distance(*mean_cov(g), *mean_cov(r)))
+    if not per_class:
+        raise ValueError("intra-FID: no class has 2 generated and 2 real samples")
+    return {"intra_fid": float(np.mean(list(per_class.values()))), "per_class": per_class, "skipped": skipped}
+
+
 class FrechetDistance(Metric):
     """FID of generated features against fixed reference mean/covariance. States: float64 sums of
     x and x x^T and the count (fixed size: DDP sync cost does not grow with N)."""
@@ -279,7 +317,7 @@ def small_sample_warning(n: int, dim: int) -> str | None:
     return None
 
 
-__all__ = ["frechet_distance", "inception_score", "kernel_inception_distance", "precision_recall", "density_coverage",
+__all__ = ["ClassAccuracy", "intra_fid", "frechet_distance", "inception_score", "kernel_inception_distance", "precision_recall", "density_coverage",
            "precision_recall_density_coverage", "fid_infinity", "is_infinity", "extrapolate_to_infinity",
            "FrechetDistance", "InceptionScore", "KernelInceptionDistance", "PrecisionRecall", "mean_cov",
            "small_sample_warning"]

@@ -7,8 +7,9 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from metrics.feature_metrics import (FrechetDistance, GeneratedFeatures, InceptionScore, KernelInceptionDistance,
-                                     PrecisionRecall, fid_infinity, is_infinity, small_sample_warning)
+from metrics.feature_metrics import (ClassAccuracy, FrechetDistance, GeneratedFeatures, InceptionScore,
+                                     KernelInceptionDistance, PrecisionRecall, fid_infinity, intra_fid, is_infinity,
+                                     small_sample_warning)
 from metrics.reference import ReferenceStats, load_or_compute_reference
 
 log = logging.getLogger(__name__)
@@ -36,11 +37,15 @@ class FeatureMetrics:
         extractor: a metrics.extractors.FeatureExtractor.
         reference: its ReferenceStats.
         metrics: subset of ALL_METRICS, or "auto" (every metric the extractor supports).
+        intra_fid: also the per-class FID of labelled samples (needs the reference's labels).
+
+    Labelled samples (a conditional model's) also give ``class_acc`` when the extractor is the
+    dataset's classifier: its prediction against the intended label, from the same forward pass.
     """
 
     def __init__(self, extractor, reference: ReferenceStats, metrics: Sequence[str] | str = "auto",
                  pr_k: int = 3, dc_k: int = 5, kid_subsets: int = 100, kid_subset_size: int = 1000, is_splits: int = 10,
-                 seed: int = 0, chunk: int = 1024):
+                 seed: int = 0, chunk: int = 1024, intra_fid: bool = False):
         if metrics == "auto":
             metrics = [m for m in ALL_METRICS if m != "is" or extractor.has_logits]
         unknown = [m for m in metrics if m not in ALL_METRICS]
@@ -59,12 +64,17 @@ class FeatureMetrics:
         self.prdc = PrecisionRecall(reference.features, pr_k, dc_k, chunk) if "prdc" in metrics else None
         # FID_inf sub-samples the generated pool features: KID and P/R keep them already; only
         # without both does FID keep its own copy
-        self.pool_store = GeneratedFeatures() if self.fid is not None and not (self.kid or self.prdc) else None
+        self.intra_fid = bool(intra_fid)
+        self.pool_store = GeneratedFeatures() if (self.fid is not None or self.intra_fid) and not (self.kid or self.prdc) \
+            else None
+        self.class_accuracy = ClassAccuracy() if extractor.classifies_dataset else None
+        self.label_store = GeneratedFeatures()   # the intended labels, in sample order (intra-FID, records)
         self.seed = seed
 
     @property
     def _metrics(self):
-        return [m for m in (self.fid, self.inception_score, self.kid, self.prdc, self.pool_store) if m is not None]
+        return [m for m in (self.fid, self.inception_score, self.kid, self.prdc, self.pool_store, self.class_accuracy,
+                            self.label_store) if m is not None]
 
     def generated_pool(self) -> Tensor:
         """The generated pool features of all processes in sample order, from whichever metric keeps them."""
@@ -81,14 +91,21 @@ class FeatureMetrics:
             m.reset()
 
     @torch.no_grad()
-    def update_generated(self, images: Tensor, indices: Sequence[int]) -> None:
-        """images: uint8 (B, C, H, W). One extractor call feeds all metrics."""
-        self.update_features(self.extractor(images), indices)
+    def update_generated(self, images: Tensor, indices: Sequence[int], labels: Tensor | None = None) -> None:
+        """images: uint8 (B, C, H, W), labels: their intended classes or None. One extractor call
+        feeds all metrics."""
+        self.update_features(self.extractor(images), indices, labels)
 
-    def update_features(self, out: dict[str, Tensor | None], indices: Sequence[int]) -> None:
+    def update_features(self, out: dict[str, Tensor | None], indices: Sequence[int],
+                        labels: Tensor | None = None) -> None:
         """Feed already extracted {"pool", "logits"} features of generated images to every metric."""
         pool, logits = out["pool"], out["logits"]
         idx = torch.as_tensor(list(indices), device=pool.device)
+        if labels is not None:
+            labels = labels.to(pool.device)
+            self.label_store.update(labels[:, None].double(), idx)
+            if self.class_accuracy is not None:
+                self.class_accuracy.update(logits, labels)
         if self.fid is not None:
             self.fid.update(pool)
         if self.inception_score is not None:
@@ -132,6 +149,16 @@ class FeatureMetrics:
             values["kid"], values["kid_std"] = self.kid.compute()
         if self.prdc is not None:
             values.update(self.prdc.compute())
+        labelled = bool(self.label_store.indices)
+        if self.class_accuracy is not None and labelled:
+            values["class_acc"] = float(self.class_accuracy.compute())
+        if self.intra_fid:
+            if not labelled or self.reference.labels is None:
+                details["intra_fid"] = "not computed: it needs labelled samples (a conditional model) and a labelled reference"
+            else:
+                fit = intra_fid(self.generated_pool(), synced_features(self.label_store)[:, 0].long(),
+                                self.reference.features, self.reference.labels, int(self.reference.labels.max()) + 1)
+                values["intra_fid"], details["intra_fid"] = fit["intra_fid"], fit
         return values, details
 
 

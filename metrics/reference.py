@@ -39,6 +39,7 @@ class ReferenceStats:
     sigma: Tensor        # (D, D) float64
     features: Tensor     # (N, D) float32
     spec: dict
+    labels: Tensor | None = None   # (N,) long: the class of each image (per-class statistics, intra-FID)
 
     @property
     def num_images(self) -> int:
@@ -47,7 +48,7 @@ class ReferenceStats:
 
 def reference_spec(dataset_name: str, split: str, num_images: int, image_shape, extractor_key: dict) -> dict:
     return {"dataset": dataset_name, "split": split, "num_images": int(num_images),
-            "image_shape": list(image_shape), "extractor": extractor_key, "version": 1}
+            "image_shape": list(image_shape), "extractor": extractor_key, "version": 2}
 
 
 def spec_key(spec: dict) -> str:
@@ -64,8 +65,9 @@ def _save(path: Path, stats: ReferenceStats) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            labels = {} if stats.labels is None else {"labels": stats.labels.numpy()}
             np.savez(f, mu=stats.mu.numpy(), sigma=stats.sigma.numpy(), features=stats.features.numpy(),
-                     spec=np.array(json.dumps(stats.spec, sort_keys=True)))
+                     spec=np.array(json.dumps(stats.spec, sort_keys=True)), **labels)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -79,6 +81,7 @@ def _load(path: Path, spec: dict) -> ReferenceStats:
         with np.load(path, allow_pickle=False) as data:
             stored = json.loads(str(data["spec"]))
             mu, sigma, feats = (torch.from_numpy(data[k].copy()) for k in ("mu", "sigma", "features"))
+            labels = torch.from_numpy(data["labels"].copy()).long() if "labels" in data.files else None
     except Exception as err:
         raise ValueError(f"unreadable ({type(err).__name__}: {err})") from err
     if stored != json.loads(json.dumps(spec, sort_keys=True)):
@@ -89,22 +92,27 @@ def _load(path: Path, spec: dict) -> ReferenceStats:
                          f"features {tuple(feats.shape)})")
     if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all() and torch.isfinite(feats).all()):
         raise ValueError("it holds non-finite values")
-    return ReferenceStats(mu.double(), sigma.double(), feats.float(), stored)
+    if labels is not None and labels.shape != (feats.shape[0],):
+        raise ValueError(f"labels {tuple(labels.shape)} do not match the {feats.shape[0]} features")
+    return ReferenceStats(mu.double(), sigma.double(), feats.float(), stored, labels)
 
 
 @torch.no_grad()
 def extract_dataset_features(extractor, dataset: Dataset, num_images: int, batch_size: int,
-                             device: torch.device) -> Tensor:
-    """Features of the first ``num_images`` items of ``dataset`` (one pass), (N, D) float32 on CPU."""
+                             device: torch.device) -> tuple[Tensor, Tensor]:
+    """Features of the first ``num_images`` items of ``dataset`` (one pass), (N, D) float32 on CPU,
+    and their labels (N,)."""
     from metrics.evaluation import quantize
 
-    out = []
+    out, labels = [], []
     extractor.to(device)
     for start in range(0, num_images, batch_size):
-        batch = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, num_images))])
+        items = [dataset[i] for i in range(start, min(start + batch_size, num_images))]
+        batch = torch.stack([item[0] for item in items])
         out.append(extractor(quantize(batch).to(device))["pool"].float().cpu())
+        labels.extend(int(item[1]) for item in items)
         REAL_IMAGE_PASSES["count"] += batch.shape[0]
-    return torch.cat(out)
+    return torch.cat(out), torch.tensor(labels, dtype=torch.long)
 
 
 def load_or_compute_reference(extractor, dataset: Dataset, dataset_name: str, split: str, num_images: int | None,
@@ -127,10 +135,10 @@ def load_or_compute_reference(extractor, dataset: Dataset, dataset_name: str, sp
                 log.warning("reference cache %s is invalid (%s); rebuilding it", path, err)
         if stats is None:
             log.info("computing reference features: %d %s/%s images with %s", n, dataset_name, split, spec["extractor"]["extractor"])
-            feats = extract_dataset_features(extractor, dataset, n, batch_size, torch.device(device))
+            feats, labels = extract_dataset_features(extractor, dataset, n, batch_size, torch.device(device))
             mu = feats.double().mean(0)
             xc = feats.double() - mu
-            stats = ReferenceStats(mu, xc.T @ xc / (n - 1), feats, spec)
+            stats = ReferenceStats(mu, xc.T @ xc / (n - 1), feats, spec, labels)
             _save(path, stats)
             computed = True
     if is_distributed():

@@ -25,41 +25,74 @@ from models.training_loop import TrainingLoopMixin
 LikelihoodKind = Literal["exact", "dequantized", "elbo"] | None
 
 
-class GenerativeModule(TrainingLoopMixin, ExactResumeMixin, pl.LightningModule):
+class TrainedModule(TrainingLoopMixin, ExactResumeMixin, pl.LightningModule):
+    """What every module scripts/train.py trains shares: the logging gate and NaN check, exact
+    resume, the run config stored in each checkpoint. The generative families and the noise-aware
+    classifier (models/noisy_classifier.py) derive from it."""
+
+    #: short name recorded in results.json ("ddpm", "gan", "noisy_classifier", ...)
+    family: str = "module"
+    likelihood_kind: LikelihoodKind = None
+
+    def __init__(self):
+        super().__init__()
+        #: the composed run config, stored in every checkpoint so a checkpoint is self-describing
+        self.run_config: dict | None = None
+        self.init_training_loop()
+
+    @property
+    def num_params(self) -> int:
+        """Parameters of the networks that define the model (EMA copies excluded)."""
+        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("ema."))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.raise_on_nonfinite_loss()  # never write a diverged model
+        checkpoint["genbench_config"] = self.run_config
+        checkpoint.update(self.resume_state())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.run_config = checkpoint.get("genbench_config", self.run_config)
+        self.load_resume_state(checkpoint)
+
+
+class GenerativeModule(TrainedModule):
     """Base class: one family per subclass. Data crosses the boundary as float images in [0, 1]."""
 
-    #: short family name recorded in results.json ("ddpm", "gan", ...)
     family: str = "generative"
-    likelihood_kind: LikelihoodKind = None
     #: the sampler keyword arguments a run evaluates with unless told otherwise
     default_sampler: dict[str, Any] = {}
     #: some backward passes leave parameters without gradients (a GAN's D step never reaches G):
     #: DDP must then look for unused parameters (train() picks the matching strategy)
     ddp_find_unused_parameters: bool = False
 
-    def __init__(self, image_shape: Sequence[int]):
+    def __init__(self, image_shape: Sequence[int], num_classes: int | None = None):
         super().__init__()
         self.image_shape = tuple(int(s) for s in image_shape)
-        #: the composed run config, stored in every checkpoint so a checkpoint is self-describing
-        self.run_config: dict | None = None
-        self.init_training_loop()
+        if num_classes is not None and int(num_classes) < 2:
+            raise ValueError(f"model.num_classes={num_classes}: a class-conditional model needs at least 2 "
+                             "classes; use null for an unconditional model")
+        #: classes of a class-conditional model; None = unconditional
+        self.num_classes: int | None = None if num_classes is None else int(num_classes)
 
     # ---------------------------------------------------------------- the interface
     @torch.no_grad()
-    def sample(self, n: int, generator: Noise = None, **sampler_kw) -> Tensor:
-        """(n, C, H, W) images in [0, 1]."""
+    def sample(self, n: int, generator: Noise = None, labels: Tensor | None = None, **sampler_kw) -> Tensor:
+        """(n, C, H, W) images in [0, 1]; ``labels`` (n,) the class of each sample (class-conditional
+        models and guided samplers: see :meth:`label_classes`)."""
         raise NotImplementedError
 
-    def log_likelihood(self, x: Tensor, generator: Noise = None) -> Tensor:
-        """Per-image log-likelihood (or its lower bound) in nats of 8-bit images ``x`` in [0, 1]."""
+    def log_likelihood(self, x: Tensor, generator: Noise = None, labels: Tensor | None = None) -> Tensor:
+        """Per-image log-likelihood (or its lower bound) in nats of 8-bit images ``x`` in [0, 1];
+        for a class-conditional model log p(x | labels)."""
         raise NotImplementedError(f"{type(self).__name__} has no likelihood (likelihood_kind=None)")
 
     def sampling_cost(self, **sampler_kw) -> dict[str, float]:
         """Network function evaluations per sample, e.g. {"nfe": 1000}."""
         raise NotImplementedError
 
-    def training_loss(self, images: Tensor) -> dict[str, Tensor]:
-        """{"loss": the scalar a training step minimises, ...} for a batch of images in [0, 1]: what
+    def training_loss(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+        """{"loss": the scalar a training step minimises, ...} for a batch of images in [0, 1] (and
+        their labels, which only class-conditional models use): what
         ``training_step`` calls, and what the benchmark's bare loop and the compute count call
         (the GAN has two: ``discriminator_step_loss`` and ``generator_step_loss``)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose its training loss")
@@ -68,12 +101,37 @@ class GenerativeModule(TrainingLoopMixin, ExactResumeMixin, pl.LightningModule):
         """Attribute names of the networks trained every step (what ``FastPaths`` compiles)."""
         return []
 
-    # ---------------------------------------------------------------- shared helpers
-    @property
-    def num_params(self) -> int:
-        """Parameters of the networks that define the model (EMA copies excluded)."""
-        return sum(p.numel() for name, p in self.named_parameters() if not name.startswith("ema."))
+    # ---------------------------------------------------------------- class conditioning
+    def label_classes(self, **sampler_kw) -> int | None:
+        """How many classes the labels of ``sample`` range over with these sampler settings (None:
+        it takes no labels). The evaluator draws one label per sample when this is not None."""
+        return self.num_classes
 
+    def check_labels(self, labels: Tensor | None, n: int, num_classes: int | None = None) -> Tensor | None:
+        """``labels`` as a (n,) long tensor on this module's device, checked against the classes;
+        None for a model that takes none. A conditional model refuses to run without them."""
+        num_classes = self.num_classes if num_classes is None else num_classes
+        if num_classes is None:
+            return None
+        if labels is None:
+            raise ValueError(f"{type(self).__name__} is class-conditional ({num_classes} classes): pass labels=")
+        labels = torch.as_tensor(labels, device=self.device).long().reshape(-1)
+        if labels.shape[0] != n:
+            raise ValueError(f"got {labels.shape[0]} labels for {n} images")
+        if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < num_classes):
+            raise ValueError(f"labels must lie in 0..{num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
+        return labels
+
+    def training_labels(self, labels: Tensor | None) -> Tensor | None:
+        """The labels a training loss uses: the batch's for a conditional model (no host sync: the
+        datamodule's labels were checked against num_classes before training), None otherwise."""
+        if self.num_classes is None:
+            return None
+        if labels is None:
+            raise ValueError(f"{type(self).__name__} is class-conditional: its training loss needs the batch's labels")
+        return labels.long()
+
+    # ---------------------------------------------------------------- shared helpers
     @property
     def num_dims(self) -> int:
         return math.prod(self.image_shape)
@@ -87,22 +145,12 @@ class GenerativeModule(TrainingLoopMixin, ExactResumeMixin, pl.LightningModule):
         return kw
 
     @torch.no_grad()
-    def sample_in_chunks(self, n: int, chunk: int, draw: Callable[[int, Noise], Tensor],
-                         noise: Noise = None) -> Tensor:
-        """Call ``draw(m, noise_m)`` on chunks of at most ``chunk`` samples and concatenate."""
+    def sample_in_chunks(self, n: int, chunk: int, draw: Callable[[int, Noise, Tensor | None], Tensor],
+                         noise: Noise = None, labels: Tensor | None = None) -> Tensor:
+        """Call ``draw(m, noise_m, labels_m)`` on chunks of at most ``chunk`` samples and concatenate."""
         out = []
         for start in range(0, n, chunk):
             m = min(chunk, n - start)
             sub = noise.slice(start, start + m) if isinstance(noise, SampleNoise) else noise
-            out.append(draw(m, sub))
+            out.append(draw(m, sub, None if labels is None else labels[start:start + m]))
         return torch.cat(out)
-
-    # ---------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.raise_on_nonfinite_loss()  # never write a diverged model
-        checkpoint["genbench_config"] = self.run_config
-        checkpoint.update(self.resume_state())
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.run_config = checkpoint.get("genbench_config", self.run_config)
-        self.load_resume_state(checkpoint)

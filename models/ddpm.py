@@ -1,4 +1,6 @@
-"""DDPM (Ho et al. 2020): a noise-prediction network trained with L_simple, sampled with its EMA."""
+"""DDPM (Ho et al. 2020): a noise-prediction network trained with L_simple, sampled with its EMA;
+optionally class-conditional, with classifier-free guidance (Ho & Salimans 2022) and classifier
+guidance by a noise-aware classifier (Dhariwal & Nichol 2021, Sec. 4)."""
 from __future__ import annotations
 
 import math
@@ -14,6 +16,20 @@ from models.diffusion.gaussian_diffusion import GaussianDiffusion
 from models.optim import build_optimizer
 
 SAMPLERS = ("ancestral", "ddim")
+#: the sampler settings a DDPM understands (evaluation.sampler / sampler.* overrides)
+SAMPLER_DEFAULTS = {"name": "ancestral", "steps": None, "eta": 1.0,
+                    "guidance_scale": 0.0, "classifier_ckpt": None, "classifier_scale": 0.0}
+
+
+def scale_value(name: str, value: Any) -> float:
+    """A guidance scale as a float >= 0, or an error naming the setting."""
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"sampler.{name} must be a number >= 0, got {value!r}") from None
+    if not math.isfinite(scale) or scale < 0:
+        raise ValueError(f"sampler.{name} must be a finite number >= 0, got {value!r}")
+    return scale
 
 
 class DDPM(GenerativeModule):
@@ -25,8 +41,15 @@ class DDPM(GenerativeModule):
         warmup_steps: linear learning-rate warm-up (Ho et al.: 5000).
         ema_decay, ema_warmup, ema_foreach: EMA of the network weights (components/ema.py); the EMA
             network samples and scores.
-        sampler: default sampler, {name: ancestral|ddim, steps: int|null (null = all T), eta: float}.
+        sampler: default sampler, {name: ancestral|ddim, steps: int|null (null = all T), eta: float,
+            guidance_scale: w of classifier-free guidance, classifier_ckpt: a noise-aware classifier's
+            checkpoint and classifier_scale: s of classifier guidance}.
         sample_batch_size: images per network call when sampling / computing the bound.
+        num_classes: class-conditional with this many classes (null = unconditional); the net must
+            have the same (``net.num_classes``).
+        label_dropout: probability p that a training label is replaced by the null class, which
+            trains the unconditional model in the same network (Ho & Salimans 2022: p = 0.1 or 0.2);
+            needs ``net.null_class``.
     """
 
     family = "ddpm"
@@ -35,26 +58,59 @@ class DDPM(GenerativeModule):
     def __init__(self, net: nn.Module, diffusion: GaussianDiffusion, optimizer: Callable[..., torch.optim.Optimizer],
                  image_shape: Sequence[int], warmup_steps: int = 0, ema_decay: float = 0.9999,
                  ema_warmup: bool = False, ema_foreach: bool = True, sampler: dict[str, Any] | None = None,
-                 sample_batch_size: int = 256):
-        super().__init__(image_shape)
+                 sample_batch_size: int = 256, num_classes: int | None = None, label_dropout: float = 0.0):
+        super().__init__(image_shape, num_classes)
+        if getattr(net, "num_classes", None) != self.num_classes:
+            raise ValueError(f"model.num_classes={self.num_classes} but the network has "
+                             f"num_classes={getattr(net, 'num_classes', None)}; set model.net.num_classes to match")
+        if not 0.0 <= float(label_dropout) < 1.0:
+            raise ValueError(f"model.label_dropout must be in [0, 1), got {label_dropout}")
+        if label_dropout and not getattr(net, "null_class", False):
+            raise ValueError("model.label_dropout > 0 trains a null class, but the network has none; "
+                             "set model.net.null_class=true (and model.num_classes)")
+        self.label_dropout = float(label_dropout)
         self.save_hyperparameters(ignore=["net", "diffusion", "optimizer"], logger=False)
         self.net, self.diffusion, self.optimizer_factory = net, diffusion, optimizer
         self.ema = EMA(net, ema_decay, warmup=ema_warmup, foreach=ema_foreach)
         self.warmup_steps, self.sample_batch_size = warmup_steps, sample_batch_size
-        self.default_sampler = {"name": "ancestral", "steps": None, "eta": 1.0, **(sampler or {})}
+        unknown = sorted(set(sampler or {}) - set(SAMPLER_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown DDPM sampler settings {unknown}; known: {sorted(SAMPLER_DEFAULTS)}")
+        self.default_sampler = {**SAMPLER_DEFAULTS, **(sampler or {})}
         self._check_sampler(**self.default_sampler)
+        #: noise-aware classifiers loaded for guidance, by checkpoint path (not submodules: never saved)
+        self._classifiers: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- training
     def networks(self) -> list[str]:
         return ["net"]
 
-    def training_loss(self, images: Tensor) -> dict[str, Tensor]:
-        """{"loss": L_simple} of a batch of images in [0, 1] (scripts/benchmark's bare loop calls it too)."""
+    @property
+    def null_label(self) -> int:
+        """The label of the unconditional model inside a conditional network (classifier-free guidance)."""
+        return int(self.num_classes)
+
+    def drop_labels(self, labels: Tensor) -> Tensor:
+        """Each label replaced by the null class with probability ``label_dropout`` (Ho & Salimans 2022, Algorithm 1)."""
+        if not self.label_dropout:
+            return labels
+        drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
+        return torch.where(drop, torch.full_like(labels, self.null_label), labels)
+
+    def conditioned(self, net: nn.Module, labels: Tensor | None) -> Callable[[Tensor, Tensor], Tensor]:
+        """eps(x_t, t) of ``net`` given the labels (the network itself when unconditional)."""
+        return net if labels is None else (lambda x, t: net(x, t, labels))
+
+    def training_loss(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+        """{"loss": L_simple} of a batch of images in [0, 1] (scripts/benchmark's bare loop calls it
+        too); a conditional model uses the labels, each dropped to the null class with p = label_dropout."""
         x0 = images * 2.0 - 1.0                                               # (B, C, H, W) in [-1, 1]
-        return {"loss": self.diffusion.training_loss(self.net, x0).mean()}
+        y = self.training_labels(labels)
+        model = self.conditioned(self.net, None if y is None else self.drop_labels(y))
+        return {"loss": self.diffusion.training_loss(model, x0).mean()}
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        loss = self.training_loss(batch[0])["loss"]
+        loss = self.training_loss(batch[0], batch[1])["loss"]
         self.check_finite_loss(loss)
         self.log_train({"train/loss": loss}, batch[0].shape[0])
         return loss
@@ -71,42 +127,104 @@ class DDPM(GenerativeModule):
         x0 = batch[0] * 2.0 - 1.0
         # fixed noise so val/loss moves only with the weights
         gen = torch.Generator(device=x0.device).manual_seed(batch_idx)
-        loss = self.diffusion.training_loss(self.ema.shadow, x0, generator=gen)
+        loss = self.diffusion.training_loss(self.conditioned(self.ema.shadow, self.training_labels(batch[1])),
+                                            x0, generator=gen)
         self.log("val/loss", loss.mean(), prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
 
     def configure_optimizers(self):
         return build_optimizer(self.optimizer_factory, self.net.parameters(), self.warmup_steps)
 
     # ---------------------------------------------------------------- the interface
-    def _check_sampler(self, name: str = "ancestral", steps: int | None = None, eta: float = 1.0) -> None:
+    def _check_sampler(self, name: str = "ancestral", steps: int | None = None, eta: float = 1.0,
+                       guidance_scale: float = 0.0, classifier_ckpt: str | None = None,
+                       classifier_scale: float = 0.0) -> None:
         if name not in SAMPLERS:
             raise ValueError(f"unknown DDPM sampler {name!r}; choose one of {SAMPLERS}")
         if steps is not None and not 1 <= int(steps) <= self.diffusion.num_timesteps:
             raise ValueError(f"sampler steps must be in 1..{self.diffusion.num_timesteps}, got {steps}")
+        if scale_value("guidance_scale", guidance_scale) > 0 and not self.label_dropout:
+            raise ValueError(
+                f"sampler.guidance_scale={guidance_scale}: classifier-free guidance needs a model trained with a "
+                "null class (model.num_classes and model.label_dropout > 0, e.g. 0.1); this one has none. Use "
+                "classifier guidance instead (sampler.classifier_ckpt=<noisy classifier .ckpt> "
+                "sampler.classifier_scale=s) or set sampler.guidance_scale=0")
+        if scale_value("classifier_scale", classifier_scale) > 0 and not classifier_ckpt:
+            raise ValueError(f"sampler.classifier_scale={classifier_scale} needs a noise-aware classifier: set "
+                             "sampler.classifier_ckpt=<checkpoint of a model=noisy_classifier run>")
+
+    def guidance_classifier(self, classifier_ckpt: str | None = None, **_):
+        """The noise-aware classifier of ``classifier_ckpt``, loaded once and checked against this
+        model (dataset, classes, image shape, diffusion schedule); None without one."""
+        if not classifier_ckpt:
+            return None
+        key = str(classifier_ckpt)
+        if key not in self._classifiers:
+            from models.noisy_classifier import load_noisy_classifier
+
+            classifier = load_noisy_classifier(key, self.device)
+            classifier.check_guides(self)
+            self._classifiers[key] = classifier
+        return self._classifiers[key].to(self.device)
+
+    def label_classes(self, **sampler_kw) -> int | None:
+        """A conditional model's classes; for an unconditional one guided by a classifier, the classifier's."""
+        kw = self.sampler_kwargs(**sampler_kw)
+        classifier = self.guidance_classifier(**kw)
+        return self.num_classes if classifier is None else classifier.num_classes
+
+    def guided_eps_model(self, labels: Tensor | None, guidance_scale: float) -> Callable[[Tensor, Tensor], Tensor]:
+        """The EMA network's eps given the labels; with w = ``guidance_scale`` > 0 classifier-free guidance
+        (Ho & Salimans 2022, Eq. 6): eps = (1 + w) eps(x, c) - w eps(x, null), both halves in one forward pass."""
+        net = self.ema.shadow
+        if labels is None or self.num_classes is None:
+            return net
+        if guidance_scale == 0:
+            return self.conditioned(net, labels)
+        both = torch.cat([labels, torch.full_like(labels, self.null_label)])
+
+        def eps(x: Tensor, t: Tensor) -> Tensor:
+            cond, uncond = net(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+            return (1.0 + guidance_scale) * cond - guidance_scale * uncond
+        return eps
 
     @torch.no_grad()
-    def sample(self, n: int, generator: Noise = None, **sampler_kw) -> Tensor:
-        """Samples from the EMA network. sampler_kw: name (ancestral|ddim), steps, eta (ddim only)."""
+    def sample(self, n: int, generator: Noise = None, labels: Tensor | None = None, **sampler_kw) -> Tensor:
+        """Samples from the EMA network. sampler_kw: name (ancestral|ddim), steps, eta (ddim only),
+        guidance_scale (classifier-free), classifier_ckpt + classifier_scale (classifier guidance)."""
         kw = self.sampler_kwargs(**sampler_kw)
         self._check_sampler(**kw)
+        classifier = self.guidance_classifier(**kw)
+        labels = self.check_labels(labels, n, self.label_classes(**kw))
         process = self.diffusion.respace(int(kw["steps"] or self.diffusion.num_timesteps))
-        model = self.ema.shadow
+        w, s = scale_value("guidance_scale", kw["guidance_scale"]), scale_value("classifier_scale", kw["classifier_scale"])
 
-        def draw(m: int, noise: Noise) -> Tensor:
+        def draw(m: int, noise: Noise, y: Tensor | None) -> Tensor:
+            model = self.guided_eps_model(y, w)
+            guidance = classifier.guidance_gradient(y, s) if classifier is not None and s > 0 else None
             if kw["name"] == "ddim":
-                x = process.ddim_sample(model, m, self.image_shape, self.device, noise, eta=float(kw["eta"]))
+                x = process.ddim_sample(model, m, self.image_shape, self.device, noise, eta=float(kw["eta"]),
+                                        guidance=guidance)
             else:
-                x = process.ancestral_sample(model, m, self.image_shape, self.device, noise)
+                x = process.ancestral_sample(model, m, self.image_shape, self.device, noise, guidance=guidance)
             return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
-        return self.sample_in_chunks(n, self.sample_batch_size, draw, generator)
+        return self.sample_in_chunks(n, self.sample_batch_size, draw, generator, labels)
 
     @torch.no_grad()
-    def log_likelihood(self, x: Tensor, generator: Noise = None) -> Tensor:
-        """Lower bound on log p(x) in nats: -L of Eq. 5 with the discretized decoder (Eq. 13)."""
-        bpd = self.diffusion.bpd(self.ema.shadow, x * 2.0 - 1.0, generator)
+    def log_likelihood(self, x: Tensor, generator: Noise = None, labels: Tensor | None = None) -> Tensor:
+        """Lower bound on log p(x) (log p(x | y) when conditional) in nats: -L of Eq. 5 with the
+        discretized decoder (Eq. 13)."""
+        model = self.conditioned(self.ema.shadow, self.check_labels(labels, x.shape[0]))
+        bpd = self.diffusion.bpd(model, x * 2.0 - 1.0, generator)
         return -bpd * self.num_dims * math.log(2.0)
 
     def sampling_cost(self, **sampler_kw) -> dict[str, float]:
+        """Network passes per sample: ``nfe`` of the diffusion network (two per step under classifier-free
+        guidance), ``classifier_nfe`` of the guiding classifier (one forward and backward per step)."""
         kw = self.sampler_kwargs(**sampler_kw)
-        return {"nfe": float(len(self.diffusion.respace(int(kw["steps"] or self.diffusion.num_timesteps)).betas))}
+        steps = len(self.diffusion.respace(int(kw["steps"] or self.diffusion.num_timesteps)).betas)
+        cfg = scale_value("guidance_scale", kw["guidance_scale"]) > 0 and self.num_classes is not None
+        cost = {"nfe": float(steps * (2 if cfg else 1))}
+        if kw["classifier_ckpt"] and scale_value("classifier_scale", kw["classifier_scale"]) > 0:
+            cost["classifier_nfe"] = float(steps)
+        return cost

@@ -42,6 +42,8 @@ class GAN(GenerativeModule):
             from before it samples (:meth:`refresh_batch_norm_statistics`).
         ema_warmup, ema_foreach: see components/ema.py.
         grad_clip: gradient-norm clip for both nets (None = off).
+        num_classes: class-conditional with this many classes (null = unconditional): conditional
+            batch norm in G, a projection D (Miyato & Koyama 2018); both nets must have the same.
 
     Note: Lightning's ``global_step`` counts every optimizer step, so one G step with n_critic D
     steps advances it by n_critic + 1; ``trainer.max_steps`` is in those units.
@@ -55,8 +57,12 @@ class GAN(GenerativeModule):
                  image_shape: Sequence[int], loss: str = "nonsaturating", n_critic: int = 1,
                  ema_decay: float = 0.999, ema_warmup: bool = True, ema_foreach: bool = True,
                  grad_clip: float | None = None, bn_refresh_samples: int = 1024,
-                 sample_batch_size: int = 256):
-        super().__init__(image_shape)
+                 sample_batch_size: int = 256, num_classes: int | None = None):
+        super().__init__(image_shape, num_classes)
+        for name, net in (("generator", generator), ("discriminator", discriminator)):
+            if getattr(net, "num_classes", None) != self.num_classes:
+                raise ValueError(f"model.num_classes={self.num_classes} but the {name} has num_classes="
+                                 f"{getattr(net, 'num_classes', None)}; set model.{name}.num_classes to match")
         if loss not in LOSSES:
             raise ValueError(f"unknown GAN loss {loss!r}; choose one of {LOSSES}")
         if n_critic < 1:
@@ -70,7 +76,7 @@ class GAN(GenerativeModule):
         self.sample_batch_size = sample_batch_size
         self.latent_dim = generator.latent_dim
         with torch.no_grad():  # shapes must agree before any training
-            out = generator(torch.zeros(2, self.latent_dim))
+            out = generator(torch.zeros(2, self.latent_dim), None if self.num_classes is None else torch.zeros(2).long())
         if tuple(out.shape[1:]) != self.image_shape:
             raise ValueError(f"generator produces {tuple(out.shape[1:])} images, data is {self.image_shape}")
         self._d_steps = 0
@@ -92,15 +98,18 @@ class GAN(GenerativeModule):
         return ["generator", "discriminator"]
 
     # The two losses of a training step; scripts/benchmark's bare loop calls these same functions.
-    def discriminator_step_loss(self, images: Tensor) -> Tensor:
+    # A conditional GAN's fakes take the real batch's labels: the data's class distribution.
+    def discriminator_step_loss(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
         """The D loss on a batch of real images in [0, 1] and as many fresh G samples."""
         real = images * 2.0 - 1.0                                             # (B, C, H, W) in [-1, 1]
-        fake = self.generator(torch.randn(real.shape[0], self.latent_dim, device=real.device)).detach()
-        return discriminator_loss(self.loss_kind, self.discriminator(real), self.discriminator(fake))
+        y = self.training_labels(labels)
+        fake = self.generator(torch.randn(real.shape[0], self.latent_dim, device=real.device), y).detach()
+        return discriminator_loss(self.loss_kind, self.discriminator(real, y), self.discriminator(fake, y))
 
-    def generator_step_loss(self, batch_size: int) -> Tensor:
-        fake = self.generator(torch.randn(batch_size, self.latent_dim, device=self.device))
-        return generator_loss(self.loss_kind, self.discriminator(fake))
+    def generator_step_loss(self, batch_size: int, labels: Tensor | None = None) -> Tensor:
+        y = self.training_labels(labels)
+        fake = self.generator(torch.randn(batch_size, self.latent_dim, device=self.device), y)
+        return generator_loss(self.loss_kind, self.discriminator(fake, y))
 
     def update_ema(self) -> None:
         self.ema.update(self.generator)
@@ -112,14 +121,14 @@ class GAN(GenerativeModule):
     def training_step(self, batch, batch_idx: int) -> None:
         g_opt, d_opt = self.optimizers()
         b = batch[0].shape[0]
-        d_loss = self.discriminator_step_loss(batch[0])
+        d_loss = self.discriminator_step_loss(batch[0], batch[1])
         self.check_finite_loss(d_loss, "discriminator loss")
         self._step(d_opt, d_loss)
         self._d_steps += 1
         self.log_train({"train/d_loss": d_loss}, b, prog_bar=("train/d_loss",))
         if not self.is_generator_step(self._d_steps):
             return
-        g_loss = self.generator_step_loss(b)
+        g_loss = self.generator_step_loss(b, batch[1])
         self.check_finite_loss(g_loss, "generator loss")
         self._step(g_opt, g_loss)
         self.update_ema()
@@ -129,7 +138,8 @@ class GAN(GenerativeModule):
         real = batch[0] * 2.0 - 1.0
         z = torch.randn(real.shape[0], self.latent_dim, device=self.device,
                         generator=torch.Generator(self.device).manual_seed(batch_idx))
-        d_loss = discriminator_loss(self.loss_kind, self.discriminator(real), self.discriminator(self.ema(z)))
+        y = self.training_labels(batch[1])
+        d_loss = discriminator_loss(self.loss_kind, self.discriminator(real, y), self.discriminator(self.ema(z, y), y))
         self.log("val/d_loss", d_loss, sync_dist=True, batch_size=real.shape[0])
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -166,7 +176,10 @@ class GAN(GenerativeModule):
         try:
             for start in range(0, self.bn_refresh_samples, self.sample_batch_size):
                 m = min(self.sample_batch_size, self.bn_refresh_samples - start)
-                self.ema.shadow(torch.randn(m, self.latent_dim, device=self.device, generator=gen))
+                z = torch.randn(m, self.latent_dim, device=self.device, generator=gen)
+                y = None if self.num_classes is None else \
+                    torch.randint(0, self.num_classes, (m,), device=self.device, generator=gen)
+                self.ema.shadow(z, y)
         finally:
             self.ema.shadow.eval()
             for m, momentum in zip(norms, momenta):
@@ -174,14 +187,15 @@ class GAN(GenerativeModule):
         self._bn_refreshed_at = version
 
     @torch.no_grad()
-    def sample(self, n: int, generator: Noise = None, **sampler_kw) -> Tensor:
-        """G_ema(z), z ~ N(0, I), mapped from [-1, 1] to [0, 1] (batch-norm statistics refreshed first)."""
+    def sample(self, n: int, generator: Noise = None, labels: Tensor | None = None, **sampler_kw) -> Tensor:
+        """G_ema(z[, y]), z ~ N(0, I), mapped from [-1, 1] to [0, 1] (batch-norm statistics refreshed first)."""
+        labels = self.check_labels(labels, n)
         self.refresh_batch_norm_statistics()
 
-        def draw(m: int, noise: Noise) -> Tensor:
+        def draw(m: int, noise: Noise, y: Tensor | None) -> Tensor:
             z = randn(noise, m, (self.latent_dim,), self.device)
-            return ((self.ema(z) + 1.0) / 2.0).clamp(0.0, 1.0)
-        return self.sample_in_chunks(n, self.sample_batch_size, draw, generator)
+            return ((self.ema(z, y) + 1.0) / 2.0).clamp(0.0, 1.0)
+        return self.sample_in_chunks(n, self.sample_batch_size, draw, generator, labels)
 
     def sampling_cost(self, **sampler_kw) -> dict[str, float]:
         return {"nfe": 1.0}

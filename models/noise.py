@@ -57,3 +57,19 @@ def dequantize(x: Tensor, noise: Noise = None) -> Tensor:
     u = noise.rand(*x.shape[1:]).to(x) if isinstance(noise, SampleNoise) else \
         torch.rand(x.shape, generator=noise, device=x.device, dtype=x.dtype)
     return (x * 255.0 + u) / 256.0
+
+
+#: the per-sample seed's second word for the label stream (the image noise uses the seed alone)
+LABEL_STREAM = 7
+
+
+def sample_labels(seeds: Sequence[int], num_classes: int, probabilities: Sequence[float] | None = None) -> Tensor:
+    """The class of each generated sample, drawn from its own seed (uniform, or with the given class
+    probabilities), so labels, like the noise, do not depend on batch size or process count. (n,) long."""
+    import numpy as np
+
+    p = None if probabilities is None else np.asarray(probabilities, dtype=np.float64)
+    if p is not None and (p.shape != (num_classes,) or (p < 0).any() or not np.isclose(p.sum(), 1.0)):
+        raise ValueError(f"class probabilities must be {num_classes} non-negative numbers summing to 1")
+    return torch.tensor([int(np.random.default_rng([int(s), LABEL_STREAM]).choice(num_classes, p=p)) for s in seeds],
+                        dtype=torch.long)

@@ -33,6 +33,8 @@ class VAE(GenerativeModule):
         iw_samples: K of the importance-weighted bound used by ``log_likelihood``.
         sample_mean: samples are the decoder mean (default; the usual VAE practice, less noisy
             than sampling every pixel independently) or draws from p(x|z).
+        num_classes: a conditional VAE with this many classes (null = unconditional): q(z|x,y),
+            p(x|z,y), prior N(0, I); its bound is on log p(x | y). Encoder and decoder must agree.
     """
 
     family = "vae"
@@ -40,8 +42,13 @@ class VAE(GenerativeModule):
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, optimizer: Callable, image_shape: Sequence[int],
                  latent_dim: int = 32, likelihood: str = "discretized_logistic", kl_warmup_steps: int = 0,
-                 iw_samples: int = 100, sample_mean: bool = True, warmup_steps: int = 0, sample_batch_size: int = 256):
-        super().__init__(image_shape)
+                 iw_samples: int = 100, sample_mean: bool = True, warmup_steps: int = 0, sample_batch_size: int = 256,
+                 num_classes: int | None = None):
+        super().__init__(image_shape, num_classes)
+        for name, net in (("encoder", encoder), ("decoder", decoder)):
+            if getattr(net, "num_classes", None) != self.num_classes:
+                raise ValueError(f"model.num_classes={self.num_classes} but the {name} has num_classes="
+                                 f"{getattr(net, 'num_classes', None)}; set model.{name}.num_classes to match")
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown VAE likelihood {likelihood!r}; choose one of {sorted(LIKELIHOODS)}")
         self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer"], logger=False)
@@ -67,13 +74,13 @@ class VAE(GenerativeModule):
             return torch.sigmoid(params)
         return (torch.tanh(params.chunk(2, dim=1)[0]) + 1.0) / 2.0
 
-    def elbo_terms(self, x: Tensor, eps: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """(log p(x|z), KL(q(z|x) || N(0, I)) analytic, z) with z = mean + sigma * eps (reparameterised)."""
-        mean, log_var = self.encoder(x * 2.0 - 1.0)
+    def elbo_terms(self, x: Tensor, eps: Tensor | None = None, y: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(log p(x|z[,y]), KL(q(z|x[,y]) || N(0, I)) analytic, z) with z = mean + sigma * eps (reparameterised)."""
+        mean, log_var = self.encoder(x * 2.0 - 1.0, y)
         eps = torch.randn_like(mean) if eps is None else eps
         z = mean + torch.exp(0.5 * log_var) * eps
         kl = 0.5 * (mean ** 2 + log_var.exp() - 1.0 - log_var).sum(1)
-        return self.decoder_log_prob(x, self.decoder(z)), kl, z
+        return self.decoder_log_prob(x, self.decoder(z, y)), kl, z
 
     # ---------------------------------------------------------------- training
     def on_fit_start(self) -> None:
@@ -86,16 +93,16 @@ class VAE(GenerativeModule):
     def networks(self) -> list[str]:
         return ["encoder", "decoder"]
 
-    def training_loss(self, images: Tensor) -> dict[str, Tensor]:
+    def training_loss(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
         """{"loss": the KL-annealed negative ELBO in nats per dim, "elbo_bpd": the plain negative
         ELBO in bits/dim} of a batch in [0, 1] (scripts/benchmark's bare loop calls it too)."""
-        rec, kl, _ = self.elbo_terms(images)
+        rec, kl, _ = self.elbo_terms(images, y=self.training_labels(labels))
         beta = min(1.0, self.global_step / self.kl_warmup_steps) if self.kl_warmup_steps else 1.0
         return {"loss": (kl * beta - rec).mean() / self.num_dims,
                 "elbo_bpd": (kl - rec).detach().mean() / (self.num_dims * math.log(2))}
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        out = self.training_loss(batch[0])
+        out = self.training_loss(batch[0], batch[1])
         self.check_finite_loss(out["loss"])
         self.log_train(lambda: {"train/loss": out["loss"], "train/elbo_bpd": out["elbo_bpd"]}, batch[0].shape[0])
         return out["loss"]
@@ -103,7 +110,8 @@ class VAE(GenerativeModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         x = batch[0]
         rec, kl, _ = self.elbo_terms(x, torch.randn(x.shape[0], self.latent_dim, device=self.device,
-                                                    generator=torch.Generator(self.device).manual_seed(batch_idx)))
+                                                    generator=torch.Generator(self.device).manual_seed(batch_idx)),
+                                     self.training_labels(batch[1]))
         self.log("val/loss", ((kl - rec).mean() / self.num_dims), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
 
     def configure_optimizers(self):
@@ -111,27 +119,32 @@ class VAE(GenerativeModule):
 
     # ---------------------------------------------------------------- the interface
     @torch.no_grad()
-    def log_likelihood(self, x: Tensor, generator: Noise = None, num_samples: int | None = None) -> Tensor:
+    def log_likelihood(self, x: Tensor, generator: Noise = None, labels: Tensor | None = None,
+                       num_samples: int | None = None) -> Tensor:
         """Burda et al. 2016 Eq. 8: log p(x) >= E log (1/K) sum_k p(x, z_k) / q(z_k | x), z_k ~ q(z|x).
-        K=1 is the ELBO; the bound tightens as K grows. Nats per image. (B,)"""
+        K=1 is the ELBO; the bound tightens as K grows. Nats per image. (B,) Conditional: every
+        density given y, a bound on log p(x | y)."""
         k = int(num_samples or self.iw_samples)
         b = x.shape[0]
-        mean, log_var = self.encoder(x * 2.0 - 1.0)                              # (B, L)
+        y = self.check_labels(labels, b)
+        mean, log_var = self.encoder(x * 2.0 - 1.0, y)                           # (B, L)
         eps = randn(generator, b, (k, self.latent_dim), self.device) if isinstance(generator, SampleNoise) \
             else torch.randn(b, k, self.latent_dim, device=self.device, generator=generator)  # (B, K, L)
         z = mean[:, None] + torch.exp(0.5 * log_var)[:, None] * eps
         log_q = gaussian_log_prob(z, mean[:, None], log_var[:, None])           # (B, K)
         log_prior = gaussian_log_prob(z, torch.zeros_like(z), torch.zeros_like(z))
-        params = self.decoder(z.reshape(b * k, self.latent_dim))
+        params = self.decoder(z.reshape(b * k, self.latent_dim), None if y is None else y.repeat_interleave(k))
         x_rep = x[:, None].expand(b, k, *x.shape[1:]).reshape(b * k, *x.shape[1:])
         log_px = self.decoder_log_prob(x_rep, params).reshape(b, k)
         return torch.logsumexp(log_px + log_prior - log_q, dim=1) - math.log(k)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: Noise = None, **sampler_kw) -> Tensor:
-        """z ~ N(0, I) -> decoder mean (default) or a draw from p(x|z)."""
-        def draw(m: int, noise: Noise) -> Tensor:
-            params = self.decoder(randn(noise, m, (self.latent_dim,), self.device))
+    def sample(self, n: int, generator: Noise = None, labels: Tensor | None = None, **sampler_kw) -> Tensor:
+        """z ~ N(0, I) -> decoder mean (default) or a draw from p(x|z[,y])."""
+        labels = self.check_labels(labels, n)
+
+        def draw(m: int, noise: Noise, y: Tensor | None) -> Tensor:
+            params = self.decoder(randn(noise, m, (self.latent_dim,), self.device), y)
             mean = self.decoder_mean(params)
             if self.sample_mean:
                 return mean
@@ -143,7 +156,7 @@ class VAE(GenerativeModule):
                 else torch.randn_like(loc)
             x = torch.tanh(loc) + log_scale.clamp(min=-7).exp() * noise_term
             return ((x.clamp(-1, 1) + 1) / 2)
-        return self.sample_in_chunks(n, self.sample_batch_size, draw, generator)
+        return self.sample_in_chunks(n, self.sample_batch_size, draw, generator, labels)
 
     def sampling_cost(self, **sampler_kw) -> dict[str, float]:
         return {"nfe": 1.0}

@@ -11,3 +11,5 @@ OmegaConf.register_new_resolver("div", lambda a, b: int(a) // int(b), replace=Tr
 OmegaConf.register_new_resolver(
     "for_seeds", lambda items, seed, seeds: list(items) if seeds is None or int(seed) in list(seeds) else [],
     replace=True)
+# ${positive:x} = x > 0, e.g. a null class exactly when labels are dropped: ${positive:${..label_dropout}}
+OmegaConf.register_new_resolver("positive", lambda x: float(x) > 0, replace=True)

@@ -30,7 +30,7 @@ from metrics.features import FeatureMetrics, build_extractor, build_feature_metr
 from metrics.image_sets import load_image_set
 from metrics.reference import ReferenceStats, load_or_compute_reference, reference_spec
 from metrics.results import RESULTS_FILE, write_json
-from scripts.train import check_checkpoint
+from models.checkpoints import load_module
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +39,8 @@ log = logging.getLogger(__name__)
 
 def load_checkpoint_run(ckpt_path: str | Path, device: str = "cpu"):
     """(model, datamodule, run_config, global_step) rebuilt from a checkpoint's stored config and weights."""
-    path = check_checkpoint(Path(ckpt_path))
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    run_config = ckpt.get("genbench_config")
-    if not run_config:
-        raise ValueError(f"{path} carries no genbench run config; it was not written by scripts/train.py")
-    cfg = OmegaConf.create(run_config)
-    datamodule = hydra.utils.instantiate(cfg.datamodule)
-    model = hydra.utils.instantiate(cfg.model)
-    model.load_state_dict(ckpt["state_dict"])
-    model.run_config = run_config
-    return model.to(device).eval(), datamodule, cfg, int(ckpt.get("global_step", 0))
+    model, cfg, ckpt = load_module(ckpt_path, device)
+    return model, hydra.utils.instantiate(cfg.datamodule), cfg, int(ckpt.get("global_step", 0))
 
 
 def _evaluate_checkpoint_worker(rank: int, world: int, port: int, cfg: DictConfig, out: dict | None) -> dict:
@@ -60,14 +51,17 @@ def _evaluate_checkpoint_worker(rank: int, world: int, port: int, cfg: DictConfi
     try:
         model, datamodule, run_cfg, step = load_checkpoint_run(cfg.ckpt_path, cfg.device)
         ev = cfg.evaluation
-        evaluator = Evaluator(ev.num_samples, ev.batch_size, ev.bpd_num_images, ev.grid_size, ev.seed, ev.repeats)
+        evaluator = Evaluator(ev.num_samples, ev.batch_size, ev.bpd_num_images, ev.grid_size, ev.seed, ev.repeats,
+                              ev.labels)
         names = ([ev.extractor] if ev.extractor else []) + [e for e in ev.final_extractors if e != ev.extractor]
         feature_sets = [build_feature_metrics(n, datamodule, cfg.paths.cache_dir, ev.reference.split,
                                               ev.reference.num_images, ev.metrics, cfg.device, ev.batch_size,
-                                              ev.weights_path, seed=ev.seed, pr_k=ev.pr_k, dc_k=ev.dc_k)
+                                              ev.weights_path, seed=ev.seed, pr_k=ev.pr_k, dc_k=ev.dc_k,
+                                              intra_fid=ev.intra_fid)
                         for n in names]
         sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else {}
-        result = evaluator.evaluate(model, datamodule.split("test"), sampler, feature_sets)
+        result = evaluator.evaluate(model, datamodule.split("test"), sampler, feature_sets,
+                                    datamodule.class_frequencies())
         summary = {
             "model": model.family, "dataset": datamodule.name, "seed": int(run_cfg.seed),
             "num_params": model.num_params, "train_steps": step,

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metrics.callback import EvaluationCallback
 from metrics.results import RESULTS_FILE, write_json
+from models.checkpoints import CheckpointError, check_checkpoint  # noqa: F401  (re-exported)
 from models.compute import COMPUTE_FILE, ComputeTracker
 
 log = logging.getLogger(__name__)
@@ -40,30 +41,11 @@ warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual opt
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that was asked for cannot be used."""
-
-
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a config group holding several objects (callbacks, loggers)."""
     if not group:
         return []
     return [hydra.utils.instantiate(spec) for spec in group.values() if spec is not None and "_target_" in spec]
-
-
-def check_checkpoint(path: Path) -> Path:
-    """Fail early, with the fix, on a missing or unreadable checkpoint."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass ckpt_path=null to start fresh "
-                              "or point ckpt_path to an existing .ckpt file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated zip, pickle errors, ...
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(err).__name__}: {err}); "
-                              "delete it and resume from an earlier one in the same folder, or pass ckpt_path=null") from err
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise CheckpointError(f"{path} holds no Lightning state_dict; it is not a training checkpoint")
-    return path
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
@@ -83,6 +65,21 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork")
 
 
+def check_conditioning(model, datamodule) -> None:
+    """A class-conditional model (or the noisy classifier) needs a labelled dataset with the same
+    number of classes; refuse, naming both values, before any training work."""
+    wanted = getattr(model, "num_classes", None)
+    if wanted is None:
+        return
+    have = int(getattr(datamodule, "num_classes", 0) or 0)
+    if have < 2:
+        raise ValueError(f"model.num_classes={wanted} (class-conditional) but dataset {datamodule.name!r} is unlabelled "
+                         f"(datamodule.num_classes={have}); use model.num_classes=null or a labelled dataset")
+    if have != wanted:
+        raise ValueError(f"model.num_classes={wanted} but dataset {datamodule.name!r} has datamodule.num_classes={have}; "
+                         "set model.num_classes=${datamodule.num_classes}")
+
+
 def ddp_strategy_for(model, strategy: Any) -> Any:
     """``ddp[_spawn|_fork]`` with unused-parameter detection for families that need it (GAN)
     and without it (its graph walk costs every step) for the others."""
@@ -97,9 +94,9 @@ def run_summary(cfg: DictConfig, model, trainer: pl.Trainer | None, evaluation: 
     final = evaluation.final_record() if evaluation is not None else None
     metrics: dict[str, float] = {}
     if trainer is not None:
-        for key in ("train/loss", "val/loss"):
-            if key in trainer.callback_metrics:
-                metrics[key.replace("/", "_")] = float(trainer.callback_metrics[key])
+        for key, value in trainer.callback_metrics.items():
+            if key in ("train/loss", "val/loss") or key.startswith("val/acc"):  # (the noisy classifier's accuracy)
+                metrics[key.replace("/", "_")] = float(value)
     if final is not None:
         metrics.update(final["metrics"])
     steps = int(trainer.global_step) if trainer is not None else 0
@@ -151,6 +148,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # Everything that can fail on bad config is built before any training work starts.
         datamodule = hydra.utils.instantiate(cfg.datamodule)
         model = hydra.utils.instantiate(cfg.model)
+        check_conditioning(model, datamodule)
         model.run_config = OmegaConf.to_container(cfg, resolve=True)
         callbacks = instantiate_group(cfg.get("callbacks"))
         loggers = instantiate_group(cfg.get("logger"))

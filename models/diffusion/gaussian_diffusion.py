@@ -22,6 +22,8 @@ from models.noise import Noise, randn
 from models.components.likelihoods import discretized_gaussian_log_likelihood
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
+#: classifier guidance: (x_t, original timestep) -> s * grad_x log p(y | x_t), the scaled gradient
+GuidanceGradient = Callable[[Tensor, Tensor], Tensor]
 
 
 def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
@@ -174,14 +176,28 @@ class GaussianDiffusion(nn.Module):
         eps = self.model_eps(model, self.q_sample(x0, t, noise), t)
         return (eps - noise).pow(2).flatten(1).mean(1)
 
+    def guided_mean_variance(self, model: EpsModel, x_t: Tensor, t: Tensor,
+                             guidance: GuidanceGradient | None = None) -> dict[str, Tensor]:
+        """p_mean_variance, with the mean shifted by classifier guidance (Dhariwal & Nichol 2021,
+        Algorithm 1): mu + Sigma * s grad_x log p_phi(y | x_t); ``guidance`` returns the scaled gradient."""
+        out = self.p_mean_variance(model, x_t, t)
+        if guidance is not None:
+            out["mean"] = out["mean"] + torch.exp(out["log_variance"]) * guidance(x_t, self.timestep_map[t])
+        return out
+
+    def guided_eps(self, x_t: Tensor, t: Tensor, eps: Tensor, guidance: GuidanceGradient) -> Tensor:
+        """Dhariwal & Nichol 2021 Algorithm 2 (DDIM): eps^ = eps - sqrt(1 - abar_t) s grad_x log p_phi(y | x_t)."""
+        return eps - self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t) * guidance(x_t, self.timestep_map[t])
+
     @torch.no_grad()
     def ancestral_sample(self, model: EpsModel, n: int, shape: Sequence[int], device: torch.device,
-                         noise: Noise = None, progress: bool = False) -> Tensor:
-        """Algorithm 2: x_T ~ N(0, I); x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I) (z = 0 at t = 0)."""
+                         noise: Noise = None, guidance: GuidanceGradient | None = None) -> Tensor:
+        """Algorithm 2: x_T ~ N(0, I); x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I) (z = 0 at t = 0);
+        with ``guidance``, mu_theta is shifted as in :meth:`guided_mean_variance`."""
         x = randn(noise, n, shape, device)
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((n,), i, device=device, dtype=torch.long)
-            out = self.p_mean_variance(model, x, t)
+            out = self.guided_mean_variance(model, x, t, guidance)
             x = out["mean"]
             if i > 0:
                 x = x + torch.exp(0.5 * out["log_variance"]) * randn(noise, n, shape, device)
@@ -189,10 +205,11 @@ class GaussianDiffusion(nn.Module):
 
     @torch.no_grad()
     def ddim_sample(self, model: EpsModel, n: int, shape: Sequence[int], device: torch.device,
-                    noise: Noise = None, eta: float = 0.0) -> Tensor:
+                    noise: Noise = None, eta: float = 0.0, guidance: GuidanceGradient | None = None) -> Tensor:
         """Song et al. 2021 Eq. 12: x_{t-1} = sqrt(abar_{t-1}) x^_0 + sqrt(1 - abar_{t-1} - sigma_t^2) eps^ + sigma_t z,
         sigma_t = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1}) (Eq. 16).
-        eta=0 is deterministic DDIM; eta=1 with all steps is the DDPM posterior (fixedsmall variance)."""
+        eta=0 is deterministic DDIM; eta=1 with all steps is the DDPM posterior (fixedsmall variance).
+        With ``guidance`` eps^ is the guided one (:meth:`guided_eps`) and x^_0 follows from it."""
         x = randn(noise, n, shape, device)
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((n,), i, device=device, dtype=torch.long)
@@ -201,6 +218,9 @@ class GaussianDiffusion(nn.Module):
             if self.clip_denoised:
                 x0 = x0.clamp(-1.0, 1.0)
             eps = self.predict_eps(x, t, x0)  # consistent with the clipped x^_0 (improved-diffusion)
+            if guidance is not None:
+                eps = self.guided_eps(x, t, eps, guidance)
+                x0 = self.predict_x0(x, t, eps)
             abar = self._gather(self.alphas_cumprod, t, x)
             abar_prev = self._gather(self.alphas_cumprod_prev, t, x)
             sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
