@@ -19,7 +19,7 @@ COMPUTE_FILE = "compute.json"
 log = logging.getLogger(__name__)
 
 
-def training_flops_per_image(module, images: Tensor, probe_images: int = 2) -> float:
+def training_flops_per_image(module, images: Tensor, labels: Tensor | None = None, probe_images: int = 2) -> float:
     """FLOPs of one training step per image, counted on ``probe_images`` images (FLOPs of these
     networks are linear in the batch) of a copy of ``module``: the run's weights, batch-norm
     statistics and random stream are left exactly as they were. The GAN's batch is one D update
@@ -27,14 +27,15 @@ def training_flops_per_image(module, images: Tensor, probe_images: int = 2) -> f
     as MFU does not count them."""
     probe = copy.deepcopy(module).train()
     x = images[:probe_images]
+    y = None if labels is None else labels[:probe_images]
     with isolated_rng(0), FlopCounterMode(display=False) as counter:
         if hasattr(probe, "discriminator_step_loss"):
-            probe.discriminator_step_loss(x).backward()
+            probe.discriminator_step_loss(x, y).backward()
             d_flops = counter.get_total_flops()
-            probe.generator_step_loss(x.shape[0]).backward()
+            probe.generator_step_loss(x.shape[0], y).backward()
             total = d_flops + (counter.get_total_flops() - d_flops) / probe.n_critic
         else:
-            probe.training_loss(x)["loss"].backward()
+            probe.training_loss(x, y)["loss"].backward()
             total = counter.get_total_flops()
     return float(total) / x.shape[0]
 
@@ -50,7 +51,7 @@ class ComputeTracker(pl.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.flops_per_image is None:
             try:
-                self.flops_per_image = training_flops_per_image(pl_module, batch[0])
+                self.flops_per_image = training_flops_per_image(pl_module, batch[0], batch[1])
             except NotImplementedError as err:   # a family without training_loss: no budget, no failure
                 log.warning("training compute not counted: %s", err)
                 self.flops_per_image = 0.0

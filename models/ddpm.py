@@ -140,8 +140,8 @@ class DDPM(GenerativeModule):
                        classifier_scale: float = 0.0) -> None:
         if name not in SAMPLERS:
             raise ValueError(f"unknown DDPM sampler {name!r}; choose one of {SAMPLERS}")
-        if steps is not None and not 1 <= int(steps) <= self.diffusion.num_timesteps:
-            raise ValueError(f"sampler steps must be in 1..{self.diffusion.num_timesteps}, got {steps}")
+        if steps is not None and not 2 <= int(steps) <= self.diffusion.num_timesteps:
+            raise ValueError(f"sampler steps must be in 2..{self.diffusion.num_timesteps}, got {steps}")
         if scale_value("guidance_scale", guidance_scale) > 0 and not self.label_dropout:
             raise ValueError(
                 f"sampler.guidance_scale={guidance_scale}: classifier-free guidance needs a model trained with a "

@@ -65,10 +65,9 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
 DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork")
 
 
-def check_conditioning(model, datamodule) -> None:
-    """A class-conditional model (or the noisy classifier) needs a labelled dataset with the same
-    number of classes; refuse, naming both values, before any training work."""
-    wanted = getattr(model, "num_classes", None)
+def check_conditioning(wanted: int | None, datamodule) -> None:
+    """A class-conditional model (``model.num_classes`` set; the noisy classifier) needs a labelled
+    dataset with the same number of classes; refuse, naming both values, before any work."""
     if wanted is None:
         return
     have = int(getattr(datamodule, "num_classes", 0) or 0)
@@ -147,8 +146,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         pl.seed_everything(cfg.seed, workers=True)
         # Everything that can fail on bad config is built before any training work starts.
         datamodule = hydra.utils.instantiate(cfg.datamodule)
+        check_conditioning(cfg.model.get("num_classes"), datamodule)
         model = hydra.utils.instantiate(cfg.model)
-        check_conditioning(model, datamodule)
         model.run_config = OmegaConf.to_container(cfg, resolve=True)
         callbacks = instantiate_group(cfg.get("callbacks"))
         loggers = instantiate_group(cfg.get("logger"))

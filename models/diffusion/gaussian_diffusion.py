@@ -120,8 +120,8 @@ class GaussianDiffusion(nn.Module):
         """A process over ``steps`` evenly spaced timesteps of this one (improved-diffusion's
         space_timesteps with one section): betas_i = 1 - abar_{S_i} / abar_{S_{i-1}}. Built once per
         step count, on this process's device."""
-        if not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"steps must be in 1..{self.num_timesteps}, got {steps}")
+        if not 2 <= steps <= self.num_timesteps:
+            raise ValueError(f"steps must be in 2..{self.num_timesteps}, got {steps}")
         if steps == self.num_timesteps:
             return self
         device = self.betas.device
