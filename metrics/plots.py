@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import matplotlib
 
@@ -91,13 +91,15 @@ def plot_fid_vs_nfe(points: Sequence[dict], out_stem: Path) -> list[Path]:
     return _save(fig, out_stem)
 
 
-def plot_precision_recall(records: Sequence[RunRecord], out_stem: Path) -> list[Path]:
-    """Per family: each seed faint, the mean over seeds with 95% interval bars."""
+def plot_precision_recall(records: Sequence[RunRecord], out_stem: Path,
+                          label: Callable[[dict], str] = lambda results: results["model"]) -> list[Path]:
+    """Per family (or per ``label`` of a run's results): each seed faint, the mean over seeds with
+    95% interval bars."""
     fig, ax = plt.subplots(figsize=(4, 4))
-    families = sorted({r.results["model"] for r in records if r.ok})
+    families = sorted({label(r.results) for r in records if r.ok})
     for i, family in enumerate(families):
         pts = [(r.results["metrics"]["recall"], r.results["metrics"]["precision"]) for r in records
-               if r.ok and r.results["model"] == family and "precision" in r.results["metrics"]]
+               if r.ok and label(r.results) == family and "precision" in r.results["metrics"]]
         if pts:
             ax.scatter(*zip(*pts), color=f"C{i}", s=12, alpha=0.35)
             (rx, rh), (px, ph) = mean_and_interval([p[0] for p in pts]), mean_and_interval([p[1] for p in pts])
@@ -111,6 +113,31 @@ def plot_precision_recall(records: Sequence[RunRecord], out_stem: Path) -> list[
     k = ((first.get("details") or {}).get("extractors") or {}).get(extractor, {}).get("pr_k", 3)
     ax.set_title(f"improved precision/recall (k={k}) [{extractor}]")
     ax.legend()
+    return _save(fig, out_stem)
+
+
+def plot_guidance_sweep(rows: Sequence[dict], out_stem: Path, guidance: str) -> list[Path]:
+    """Each metric against the guidance scale (95% interval bars over sample sets), and the
+    precision-recall curve the scale traces (Dhariwal & Nichol 2021, Figure 4)."""
+    keys = [k for k in rows[0] if k not in ("scale", "nfe", "classifier_nfe") and not k.endswith("_ci95")]
+    scales = [r["scale"] for r in rows]
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(2.6 * (len(keys) + 1), 2.8))
+    for ax, key in zip(axes, keys):
+        ax.errorbar(scales, [r[key] for r in rows], yerr=[r.get(f"{key}_ci95") or 0.0 for r in rows],
+                    marker="o", capsize=3)
+        ax.set_xlabel("guidance scale")
+        ax.set_title(key, fontsize=9)
+    pr = axes[-1]
+    for prefix in sorted({k[: -len("precision")] for k in keys if k.endswith("precision")}):
+        rec, prec = [r[prefix + "recall"] for r in rows], [r[prefix + "precision"] for r in rows]
+        pr.plot(rec, prec, marker="o", label=prefix.rstrip("/") or "primary")
+        for x, y, s in zip(rec, prec, scales):
+            pr.annotate(f"{s:g}", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    pr.set_xlabel("recall")
+    pr.set_ylabel("precision")
+    pr.set_title("precision-recall vs scale", fontsize=9)
+    fig.suptitle(f"{guidance.replace('_', '-')} guidance sweep")
+    fig.tight_layout()
     return _save(fig, out_stem)
 
 

@@ -21,7 +21,8 @@ from metrics.results import BPD_KINDS, RESULTS_FILE
 # (key in results["metrics"], column title, higher is better)
 FEATURE_COLUMNS = [("fid", "FID", False), ("fid_inf", "FID∞", False), ("is", "IS", True), ("kid", "KID", False),
                    ("precision", "Prec.", True), ("recall", "Rec.", True),
-                   ("density", "Dens.", True), ("coverage", "Cov.", True)]
+                   ("density", "Dens.", True), ("coverage", "Cov.", True), ("class_acc", "class acc.", True),
+                   ("intra_fid", "intra-FID", False)]
 OTHER_COLUMNS = [("bpd", "bits/dim", False), ("nfe", "NFE", False), ("sec_per_sample", "s/sample", False)]
 INFO_COLUMNS = [("num_params", "params"), ("train_steps", "steps"), ("train_flops", "budget (TFLOP)")]
 
@@ -154,8 +155,14 @@ def sampler_text(sampler: dict | None) -> str:
     """{"name": "ddim", "steps": 50, "eta": 1.0} -> "ddim-50 eta=1"; {} -> "-" (one-shot samplers)."""
     if not sampler:
         return "-"
-    rest = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(sampler.items())
-                    if k not in ("name", "steps") and v is not None)
+    shown = {k: v for k, v in sampler.items() if k not in ("name", "steps") and v is not None}
+    for scale in ("guidance_scale", "classifier_scale"):   # unguided: nothing to say
+        if not shown.get(scale):
+            shown.pop(scale, None)
+    if shown.get("classifier_ckpt"):  # the classifier's run (its dir), not the whole path
+        path = Path(str(shown["classifier_ckpt"]))
+        shown["classifier_ckpt"] = path.parent.parent.name if path.parent.name == "checkpoints" else path.name
+    rest = " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(shown.items()))
     head = f"{sampler.get('name', '')}" + (f"-{sampler['steps']}" if sampler.get("steps") else "")
     return (head + " " + rest).strip()
 

@@ -68,6 +68,7 @@ def _evaluate_checkpoint_worker(rank: int, world: int, port: int, cfg: DictConfi
             "feature_extractor": result.feature_extractor, "num_samples": result.num_samples,
             "sampler": result.sampler, "likelihood_kind": model.likelihood_kind, "metrics": result.metrics,
             "details": result.details, "checkpoint": str(cfg.ckpt_path), "world_size": world, "status": "ok",
+            "config": OmegaConf.to_container(run_cfg, resolve=True),   # what the table's row keys read
         }
         if rank == 0 and out is not None:
             out.update(summary)

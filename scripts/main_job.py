@@ -1,17 +1,21 @@
 """The main job: the four families x seeds on digits at one matched training budget (equal FLOPs),
-one shared evaluation, then table and plots.
+unconditional and class-conditional, one shared evaluation, guidance, then tables and plots.
 
-    python scripts/main_job.py                      # what `make main` runs (offline, CPU, <= 15 min on 2 cores)
+    python scripts/main_job.py                      # what `make main` runs (offline, CPU, 2 cores)
     python scripts/main_job.py --seeds 0 1 2 3 4 --out logs/main/mine
 
 Steps:
-  1. the classifier extractor is trained and the real-image statistics cached (once);
-  2. one real Hydra multirun of scripts/train.py over families x seeds (two single-threaded jobs
-     side by side), every run an ordinary run dir; the classifier extractor at every evaluation,
-     the standard Inception (inception_pool) added to the final evaluation of the first seed;
-  3. the first seed's DDPM checkpoint sampled with DDIM-{10,20,50,100} and 1000-step ancestral
-     sampling (FID vs NFE);
-  4. make_table over all runs (Markdown, LaTeX, CSV) and the plots (PNG + PDF).
+  1. the classifier extractor is trained and the real-image statistics cached (once), while the
+     noise-aware classifier of classifier guidance trains beside it;
+  2. one real Hydra multirun of scripts/train.py over both parts (digits_matched_<family>: the
+     unconditional families; digits_cond_<family>: class-conditional, the DDPM with label dropout
+     and classifier-free guidance) x seeds, two single-threaded jobs side by side, every run an
+     ordinary run dir; classifier features at every evaluation, the standard Inception
+     (inception_pool) in the final evaluation of the seed-0 conditional GAN and DDPM;
+  3. two at a time: each conditional DDPM evaluated with classifier guidance; the guidance sweeps
+     (classifier-free and classifier) on the seed-0 conditional DDPM; FID vs NFE of the seed-0
+     unconditional DDPM;
+  4. make_table for each part (Markdown, LaTeX, CSV) and the plots (PNG + PDF).
 """
 from __future__ import annotations
 
@@ -21,21 +25,33 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
+from multiprocessing import get_context
 from pathlib import Path
 
 from metrics.plots import final_grid, plot_fid_vs_nfe, plot_fid_vs_step, plot_precision_recall, plot_sample_grids
-from metrics.report import build_table, collect_local, to_markdown, write_table
+from metrics.report import build_table, collect_local, sampler_text, to_markdown, write_table
 from scripts.overview import clock, watch
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("gan", "ddpm", "realnvp", "vae")  # longest first: the two parallel workers finish together
-#: every family at the same training budget (1.0 TFLOP; conf/experiment/digits_matched_*.yaml);
-#: "digits_{}" trains each at its own preset's budget instead
-MATCHED_PRESET = "digits_matched_{}"
+#: the two parts of the comparison: every family at the same training budget (BUDGET_FLOPS;
+#: conf/experiment/digits_matched_*.yaml), unconditional and class-conditional
+PARTS = {"unconditional": "digits_matched_{}", "conditional": "digits_cond_{}"}
+MATCHED_PRESET = PARTS["unconditional"]
+BUDGET_FLOPS = 0.5e12
+CLASSIFIER_PRESET = "digits_noisy_classifier"
+#: classifier guidance of the conditional DDPMs' table row (ADM's scale for conditional models)
+CLASSIFIER_SCALE = 1.0
+#: the guidance sweeps on the seed-0 conditional DDPM (Dhariwal & Nichol 2021 Table 4 / Figure 4 shape)
+SWEEPS = {"classifier_free": [0.0, 0.5, 1.0, 2.0, 4.0], "classifier": [0.0, 1.0, 2.0, 4.0, 8.0]}
+#: the sweeps' sampler: DDIM-10 (eta 1) keeps 2 x 5 scales x 3 sample sets inside the CPU budget
+SWEEP_SAMPLER = {"name": "ddim", "steps": 10, "eta": 1.0}
+SWEEP_REPEATS = 3
 MAIN_OVERRIDES = ["evaluation.reference.num_images=300"]
 NFE_SAMPLERS = [(f"DDIM-{steps}" + (" eta=1" if eta else ""), {"name": "ddim", "steps": steps, "eta": eta})
-                for eta in (0.0, 1.0) for steps in (10, 20, 50, 100)]
+                for eta in (0.0, 1.0) for steps in (10, 20, 50)]
 NFE_SAMPLERS.append(("ancestral-1000", {"name": "ancestral", "steps": None, "eta": 1.0}))
 
 
@@ -50,7 +66,7 @@ def multirun(out: Path, sweep: list[str], seeds: list[int], extra: list[str], lo
     sweep's live overview."""
     parallel = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", "num_threads=1"] if jobs > 1 else []
     cmd = [sys.executable, "scripts/train.py", "-m", *sweep, f"seed={','.join(map(str, seeds))}",
-           f"hydra.sweep.dir={out / 'runs'}", "hydra.sweep.subdir=${model._target_}_seed${seed}",
+           f"hydra.sweep.dir={out / 'runs'}", "hydra.sweep.subdir=${hydra:runtime.choices.experiment}_${hydra:runtime.choices.model}_seed${seed}",
            "callbacks.progress_bar=null", "task_name=main", *parallel, *extra]
     print("+", " ".join(cmd), flush=True)
     print(f"  jobs log to {log} and to their run directories under {out / 'runs'}", flush=True)
@@ -79,26 +95,36 @@ def prepare_caches(extractors: list[str], overrides: list[str]) -> None:
                               cfg.evaluation.reference.num_images, "auto", "cpu")
 
 
-def fid_vs_nfe(ddpm_run: Path, out: Path, num_samples: int, extra: list[str],
-               samplers: list[tuple[str, dict]] = NFE_SAMPLERS) -> list[dict]:
-    """The DDIM paper's Table 1 shape on one checkpoint: DDIM-{10,20,50,100} and ancestral-1000,
-    evaluated in this process with scripts/evaluate.py's evaluate()."""
+def eval_config(ckpt: Path, out_dir: Path, overrides: list[str], extra: list[str], config_name: str = "eval"):
+    """scripts/evaluate.py's config for ``ckpt`` (plus the main job's paths and reference)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
+    import scripts  # noqa: F401  (resolvers)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=[
+            f"ckpt_path={ckpt}", *overrides, *[o for o in extra if o.startswith(("paths.", "evaluation.reference"))]])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir)
+    return cfg
+
+
+def sampler_overrides(sampler: dict) -> list[str]:
+    return [f"sampler.{k}={'null' if v is None else v}" for k, v in sampler.items()]
+
+
+def fid_vs_nfe(ddpm_run: Path, out: Path, num_samples: int, extra: list[str],
+               samplers: list[tuple[str, dict]] = NFE_SAMPLERS) -> list[dict]:
+    """The DDIM paper's Table 1 shape on one checkpoint: DDIM at several step counts and
+    ancestral-1000, evaluated with scripts/evaluate.py's evaluate()."""
     from scripts.evaluate import evaluate
 
     points = []
     for label, sampler in samplers:
-        run_dir = out / "fid_vs_nfe" / label.replace(" ", "_")
-        overrides = [f"sampler.{k}={'null' if v is None else v}" for k, v in sampler.items()]
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="eval", overrides=[
-                f"ckpt_path={ddpm_run / 'checkpoints' / 'last.ckpt'}", f"evaluation.num_samples={num_samples}",
-                "evaluation.bpd_num_images=0", "evaluation.grid_size=0", *overrides,
-                *[o for o in extra if o.startswith(("paths.", "evaluation.reference"))]])
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(run_dir)
+        cfg = eval_config(ddpm_run / "checkpoints" / "last.ckpt", out / "fid_vs_nfe" / label.replace(" ", "_"),
+                          [f"evaluation.num_samples={num_samples}", "evaluation.bpd_num_images=0",
+                           "evaluation.grid_size=0", *sampler_overrides(sampler)], extra)
         r = evaluate(cfg)
         points.append({"label": label, "nfe": r["metrics"]["nfe"], "fid": r["metrics"]["fid"], "eta": sampler["eta"],
                        "extractor": r["feature_extractor"], "num_samples": num_samples,
@@ -109,45 +135,157 @@ def fid_vs_nfe(ddpm_run: Path, out: Path, num_samples: int, extra: list[str],
     return points
 
 
-def run_main_job(out: Path, seeds: list[int], families=FAMILIES, preset: str = MATCHED_PRESET,
-                 extra: list[str] = (), nfe_samples: int = 128, jobs: int = 2) -> dict:
-    """``preset`` with "{}" is one experiment per family (digits_gan, ...); without, one shared
-    experiment swept over model=... (e.g. "smoke")."""
+def classifier_guided(ddpm_run: Path, classifier_ckpt: Path, out_dir: Path, sampler: dict, extra: list[str],
+                      final_extractors: list[str]) -> dict:
+    """A conditional DDPM evaluated with classifier guidance: an ordinary results.json (a table row)."""
+    from scripts.evaluate import evaluate
+
+    overrides = [*sampler_overrides({**sampler, "classifier_ckpt": classifier_ckpt,
+                                     "classifier_scale": CLASSIFIER_SCALE, "guidance_scale": 0.0}),
+                 "evaluation.bpd_num_images=0", f"evaluation.final_extractors=[{','.join(final_extractors)}]"]
+    return evaluate(eval_config(ddpm_run / "checkpoints" / "last.ckpt", out_dir, overrides, extra))
+
+
+def sweep(ddpm_run: Path, guidance: str, out_dir: Path, extra: list[str], classifier_ckpt: Path | None) -> list:
+    from scripts.guidance_sweep import guidance_sweep
+
+    overrides = [f"guidance={guidance}", f"scales=[{','.join(map(str, SWEEPS[guidance]))}]",
+                 f"evaluation.repeats={SWEEP_REPEATS}", *sampler_overrides(SWEEP_SAMPLER)]
+    if classifier_ckpt is not None:
+        overrides.append(f"sampler.classifier_ckpt={classifier_ckpt}")
+    return guidance_sweep(eval_config(ddpm_run / "checkpoints" / "last.ckpt", out_dir, overrides, extra,
+                                      config_name="guidance_sweep"))
+
+
+def _single_threaded(fn, *args):
+    """Run ``fn`` in a worker process on one thread (two workers share the two cores)."""
+    import torch
+
+    torch.set_num_threads(1)
+    return fn(*args)
+
+
+def run_parallel(tasks: list[tuple], jobs: int) -> list:
+    """(fn, *args) tasks on ``jobs`` worker processes (spawned: clean torch and Hydra state), in order."""
+    if jobs <= 1:
+        return [fn(*args) for fn, *args in tasks]
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_single_threaded, fn, *args) for fn, *args in tasks]
+        return [f.result() for f in futures]
+
+
+def train_classifier(out: Path, extra: list[str]) -> subprocess.Popen:
+    """The noise-aware classifier (one seed), trained by scripts/train.py in the background."""
+    cmd = [sys.executable, "scripts/train.py", f"experiment={CLASSIFIER_PRESET}", f"hydra.run.dir={out}",
+           "callbacks.progress_bar=null", "num_threads=1", "task_name=main",
+           *[o for o in extra if o.startswith(("paths.", "logger"))]]
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out.parent / "classifier.log", "a")
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def guidance_label(results: dict) -> str:
+    """The family and how it is guided, e.g. "ddpm, guidance_scale=1" (a plot legend)."""
+    text = sampler_text(results.get("sampler"))
+    guided = [part for part in text.split() if part.startswith(("guidance_scale", "classifier_scale"))]
+    return ", ".join([results["model"], *guided])
+
+
+def write_part(name: str, records: list, out: Path, seeds: list[int]) -> dict:
+    """One part's table (table_<part>.{md,tex,csv}) and plots (plots/<part>_*.png|pdf)."""
+    table = build_table(records)
+    files = write_table(table, out, stem=f"table_{name}")
+    plots = out / "plots"
+    plot_fid_vs_step(records, plots / f"{name}_fid_vs_step")
+    plot_fid_vs_step(records, plots / f"{name}_fid_vs_compute", compute=True)
+    plot_precision_recall(records, plots / f"{name}_precision_recall", label=guidance_label)
+    grids = {guidance_label(r.results): final_grid(r) for r in records if r.ok and r.results["seed"] == seeds[0]}
+    plot_sample_grids({k: v for k, v in grids.items() if v is not None}, plots / f"{name}_samples")
+    return {"table": table, "files": {k: str(v) for k, v in files.items()}}
+
+
+def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str, str] | None = None,
+                 extra: list[str] = (), nfe_samples: int = 128, jobs: int = 2, guidance: bool = True) -> dict:
+    """``parts``: {part name: experiment per family ("{}" = family), or one shared experiment swept
+    over model=... (e.g. "smoke")}. ``guidance``: classifier guidance and the sweeps (step 3)."""
+    parts = dict(PARTS if parts is None else parts)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "main_job.log"
     start = time.perf_counter()
     # 300 real images as the reference of every extractor: the Inception pass is slow on a CPU
     extra = [*MAIN_OVERRIDES, *extra]
-    stage("caches: the classifier extractor and the real-image statistics (once per cache dir)", start)
+    conditional = "conditional" in parts and guidance
+    stage("caches: the classifier extractor and the real-image statistics (once per cache dir)"
+          + (", the noise-aware classifier beside them" if conditional else ""), start)
+    classifier_job = train_classifier(out / "classifier", extra) if conditional else None
     prepare_caches(["classifier", "inception_pool"], extra)
-    sweep = [f"experiment={','.join(preset.format(f) for f in families)}"] if "{}" in preset \
-        else [f"experiment={preset}", f"model={','.join(families)}"]
-    # one multirun over every family and seed (the two workers stay busy to the end); the standard
-    # Inception is added to the final evaluation of the first seed only
-    multirun(out, sweep, seeds, ["evaluation.final_extractors=[inception_pool]",
-                                 f"evaluation.final_extractors_seeds=[{seeds[0]}]", *extra], log, jobs,
-             len(families) * len(seeds), start)
+    experiments = [p.format(f) for p in parts.values() if "{}" in p for f in families]
+    shared = [p for p in parts.values() if "{}" not in p]
+    sweep_args = [f"experiment={','.join(experiments)}"] if experiments else \
+        [f"experiment={shared[0]}", f"model={','.join(families)}"]
+    multirun(out, sweep_args, seeds, extra, log, jobs, len(families) * len(seeds) * len(parts), start)
     records = collect_local([out / "runs"])
-    ddpm0 = next((Path(r.source) for r in records if r.ok and r.results["model"] == "ddpm" and r.results["seed"] == seeds[0]), None)
-    if ddpm0:
-        stage(f"FID vs NFE: the seed-{seeds[0]} DDPM with {len(NFE_SAMPLERS)} samplers, {nfe_samples} samples each", start)
-    points = fid_vs_nfe(ddpm0, out, nfe_samples, extra) if ddpm0 else []
-    stage("table and plots", start)
-    table = build_table(records)
-    files = write_table(table, out)
-    plots = out / "plots"
-    plot_fid_vs_step(records, plots / "fid_vs_step")
-    plot_fid_vs_step(records, plots / "fid_vs_compute", compute=True)
-    plot_precision_recall(records, plots / "precision_recall")
-    if points:
-        plot_fid_vs_nfe(points, plots / "fid_vs_nfe")
-    grids = {r.results["model"]: final_grid(r) for r in records if r.ok and r.results["seed"] == seeds[0]}
-    plot_sample_grids({k: v for k, v in grids.items() if v is not None}, plots / "samples")
+    by_part = {name: [r for r in records if _part_of(r, preset, families)] for name, preset in parts.items()}
+    summary: dict = {"fid_vs_nfe": [], "sweeps": {}}
+
+    def seed0_ddpm(part: str) -> Path | None:
+        return next((Path(r.source) for r in by_part.get(part, []) if r.ok and r.results["model"] == "ddpm"
+                     and r.results["seed"] == seeds[0]), None)
+
+    tasks, labels = [], []
+    cond0 = seed0_ddpm("conditional")
+    classifier_ckpt = out / "classifier" / "checkpoints" / "last.ckpt"
+    if classifier_job is not None:
+        stage("waiting for the noise-aware classifier", start)
+        if classifier_job.wait() != 0 or not classifier_ckpt.is_file():
+            print(f"  the noise-aware classifier failed (log: {out / 'classifier.log'}); no classifier guidance",
+                  flush=True)
+            classifier_ckpt = None
+    if conditional and cond0 is not None:
+        for guidance_kind in SWEEPS:
+            if guidance_kind == "classifier_free" or classifier_ckpt is not None:
+                tasks.append((sweep, cond0, guidance_kind, out / "sweeps" / guidance_kind, extra,
+                              classifier_ckpt if guidance_kind == "classifier" else None))
+                labels.append(f"sweep:{guidance_kind}")
+    uncond0 = seed0_ddpm(next(iter(parts)))
+    if uncond0 is not None and nfe_samples > 0:
+        tasks.append((fid_vs_nfe, uncond0, out, nfe_samples, extra))
+        labels.append("fid_vs_nfe")
+    if conditional and classifier_ckpt is not None:
+        for r in by_part["conditional"]:
+            if r.ok and r.results["model"] == "ddpm":
+                seed = r.results["seed"]
+                tasks.append((classifier_guided, Path(r.source), classifier_ckpt,
+                              out / "guided" / f"digits_cond_ddpm_classifier_seed{seed}", r.results["sampler"], extra,
+                              ["inception_pool"] if seed == seeds[0] else []))
+                labels.append(f"guided:{seed}")
+    if tasks:
+        stage(f"guidance and samplers, {jobs} at a time: " + ", ".join(labels), start)
+        for label, result in zip(labels, run_parallel(tasks, jobs)):
+            if label.startswith("sweep:"):
+                summary["sweeps"][label.split(":")[1]] = result
+            elif label == "fid_vs_nfe":
+                summary["fid_vs_nfe"] = result
+    stage("tables and plots", start)
+    if (out / "guided").is_dir():
+        by_part.setdefault("conditional", []).extend(collect_local([out / "guided"]))
+    tables = {name: write_part(name, recs, out, seeds) for name, recs in by_part.items() if recs}
+    if summary["fid_vs_nfe"]:
+        plot_fid_vs_nfe(summary["fid_vs_nfe"], out / "plots" / "fid_vs_nfe")
     wall = time.perf_counter() - start
-    summary = {"wall_seconds": wall, "runs": len(records), "failed": [r.source for r in table.failed],
-               "table_files": {k: str(v) for k, v in files.items()}, "plots": str(plots), "fid_vs_nfe": points}
+    failed = [r.source for t in tables.values() for r in t["table"].failed]
+    summary.update({"wall_seconds": wall, "runs": len(records), "failed": failed,
+                    "table_files": {name: t["files"] for name, t in tables.items()}, "plots": str(out / "plots")})
     (out / "main_job.json").write_text(json.dumps(summary, indent=2))
-    return {"table": table, **summary}
+    return {"tables": {name: t["table"] for name, t in tables.items()}, **summary}
+
+
+def _part_of(record, preset: str, families) -> bool:
+    """Whether a run dir belongs to a part: its experiment is the part's preset for some family."""
+    name = Path(record.source).name
+    return any(name.startswith(preset.format(f) + "_") for f in families) if "{}" in preset \
+        else name.startswith(preset + "_")
 
 
 def main(argv=None) -> None:
@@ -157,17 +295,20 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--nfe-samples", type=int, default=128, help="samples per point of the FID-vs-NFE curve")
     p.add_argument("--jobs", type=int, default=2, help="jobs run side by side (1 thread each)")
-    p.add_argument("--preset", default=MATCHED_PRESET,
-                   help='experiment per family ("{}" = family) or one shared one; default: the compute-matched '
-                        'presets; "digits_{}" = each family at its own preset budget')
+    p.add_argument("--preset", default=None,
+                   help='only this part: experiment per family ("{}" = family) or one shared one, e.g. '
+                        '"digits_{}" = each family at its own preset budget, unconditional; default: both parts '
+                        '(digits_matched_{} and digits_cond_{}) with guidance')
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. trainer.max_steps=100")
     args = p.parse_args(argv)
     out = args.out or ROOT / "logs" / "main" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    result = run_main_job(out, args.seeds, args.families, args.preset, args.overrides, args.nfe_samples, args.jobs)
-    print(to_markdown(result["table"]))
+    parts = None if args.preset is None else {"unconditional": args.preset}
+    result = run_main_job(out, args.seeds, args.families, parts, args.overrides, args.nfe_samples, args.jobs)
+    for name, table in result["tables"].items():
+        print(f"\n{name}:\n" + to_markdown(table))
     print(f"main job finished in {result['wall_seconds'] / 60:.1f} min")
     print(f"runs:   {out / 'runs'}")
-    print(f"table:  {out / 'table.md'}, {out / 'table.tex'}, {out / 'table.csv'}")
+    print(f"tables: {out}/table_<part>.md|tex|csv; guidance sweeps: {out / 'sweeps'}")
     print(f"plots:  {out / 'plots'}")
 
 

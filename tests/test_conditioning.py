@@ -343,3 +343,74 @@ def test_class_accuracy_and_intra_fid_against_independent_computations():
     expected = np.mean([scipy_fid(out["pool"].double()[labels == c], ref[ref_labels == c]) for c in range(3)])
     assert values["intra_fid"] == pytest.approx(expected, rel=1e-5)
     assert not math.isnan(values["fid"])
+
+
+# ----------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def guided_checkpoints(tmp_path_factory, shared_cache):
+    """A class-conditional DDPM with label dropout and a noisy classifier, trained by scripts/train.py."""
+    from scripts.train import train
+
+    out = tmp_path_factory.mktemp("guided")
+    common = ["logger=csv", "callbacks.progress_bar=null", f"paths.cache_dir={shared_cache}"]
+    train(compose_train(["experiment=smoke", "model.num_classes=${datamodule.num_classes}", "model.label_dropout=0.2",
+                         "evaluation.final_extractors=[]", "evaluation.final_sampler={name: ddim, steps: 5, "
+                         "guidance_scale: 1.0}", *common], out / "ddpm"))
+    train(compose_train(["experiment=digits_noisy_classifier", "trainer.max_steps=12", "trainer.check_val_every_n_epoch=1",
+                         "++trainer.limit_val_batches=1", *common], out / "classifier"))
+    return out / "ddpm" / "checkpoints" / "last.ckpt", out / "classifier"
+
+
+def test_noisy_classifier_run_logs_accuracy_per_noise_level(guided_checkpoints):
+    import json
+
+    results = json.loads((guided_checkpoints[1] / "results.json").read_text())
+    assert results["status"] == "ok" and results["model"] == "noisy_classifier"
+    assert {"val_acc", "val_acc_t0_249", "val_acc_t750_999"} <= set(results["metrics"])
+    assert not (guided_checkpoints[1] / "eval_final.json").exists()       # nothing to sample, nothing evaluated
+
+
+def test_guidance_sweeps_write_tables_plots_and_true_costs(guided_checkpoints, shared_cache, tmp_path):
+    import json
+
+    from scripts.guidance_sweep import guidance_sweep
+    from test_evaluate import compose_eval
+
+    ddpm, classifier_dir = guided_checkpoints
+    classifier = classifier_dir / "checkpoints" / "last.ckpt"
+    common = [f"ckpt_path={ddpm}", "evaluation.num_samples=12", "evaluation.batch_size=12", "evaluation.repeats=2",
+              "sampler.name=ddim", "sampler.steps=4", f"paths.cache_dir={shared_cache}", "evaluation.grid_size=0"]
+    for guidance, scales, extra in (("classifier_free", "[0,2]", []),
+                                    ("classifier", "[0,3]", [f"sampler.classifier_ckpt={classifier}"])):
+        cfg = compose_eval([*common, *extra, f"+guidance={guidance}", f"+scales={scales}"], tmp_path / guidance)
+        rows = guidance_sweep(cfg)
+        assert [r["scale"] for r in rows] == [0.0, 2.0] if guidance == "classifier_free" else [0.0, 3.0]
+        assert {"fid", "fid_ci95", "precision", "recall", "class_acc"} <= set(rows[0])
+        if guidance == "classifier_free":   # two network passes per step once guided
+            assert [r["nfe"] for r in rows] == [4, 8] and [r["classifier_nfe"] for r in rows] == [0, 0]
+        else:
+            assert [r["nfe"] for r in rows] == [4, 4] and [r["classifier_nfe"] for r in rows] == [0, 4]
+        assert (tmp_path / guidance / "plots" / "guidance_sweep.png").is_file()
+        one = json.loads((tmp_path / guidance / "scale_0" / "results.json").read_text())
+        assert one["details"]["labels"]["counts"] and sum(one["details"]["labels"]["counts"]) == 12
+
+
+def test_conditional_checkpoint_metrics_are_identical_on_one_and_two_processes(guided_checkpoints, shared_cache,
+                                                                               tmp_path):
+    from scripts.evaluate import evaluate
+    from test_evaluate import compose_eval
+
+    ddpm, classifier_dir = guided_checkpoints
+    results = {}
+    for n in (1, 2):
+        results[n] = evaluate(compose_eval([
+            f"ckpt_path={ddpm}", f"num_processes={n}", "evaluation.num_samples=10", "evaluation.batch_size=3",
+            "evaluation.bpd_num_images=4", "sampler.name=ddim", "sampler.steps=4", "sampler.guidance_scale=1.5",
+            f"sampler.classifier_ckpt={classifier_dir / 'checkpoints' / 'last.ckpt'}", "sampler.classifier_scale=2",
+            f"paths.cache_dir={shared_cache}"], tmp_path / f"n{n}"))
+    one, two = results[1]["metrics"], results[2]["metrics"]
+    assert {"fid", "class_acc", "bpd", "nfe", "classifier_nfe"} <= set(one)
+    for name in one:
+        if name != "sec_per_sample":
+            assert two[name] == pytest.approx(one[name], rel=1e-6, abs=1e-9), name
+    assert results[1]["details"]["labels"] == results[2]["details"]["labels"]

@@ -239,17 +239,20 @@ def test_training_compute_is_counted_on_a_copy_and_scales_with_images(tmp_path):
 
 
 def test_the_main_jobs_presets_train_every_family_on_the_same_budget(tmp_path):
-    """conf/experiment/digits_matched_*: training FLOPs (per image, counted on the real model, x
-    images) equal for the four families to 2%, at 1.0 TFLOP."""
+    """conf/experiment/digits_matched_* and their class-conditional versions digits_cond_*: training
+    FLOPs (per image, counted on the real model, x images) equal for the four families to 2%, at
+    the main job's budget."""
     from models.compute import training_flops_per_image
-    from scripts.main_job import FAMILIES, MATCHED_PRESET
+    from scripts.main_job import BUDGET_FLOPS, FAMILIES, PARTS
 
     budgets = {}
-    for family in FAMILIES:
-        cfg = compose_train([f"experiment={MATCHED_PRESET.format(family)}"], tmp_path)
-        model, dm = hydra.utils.instantiate(cfg.model), hydra.utils.instantiate(cfg.datamodule)
-        dm.setup()
-        images = next(iter(dm.train_dataloader()))[0]
-        batches = cfg.trainer.max_steps // model.max_optimizer_steps_per_batch   # the GAN: a D and a G step
-        budgets[family] = training_flops_per_image(model, images) * cfg.datamodule.batch_size * batches
-    assert budgets == pytest.approx({family: 1.0e12 for family in FAMILIES}, rel=0.02), budgets
+    for part, preset in PARTS.items():
+        for family in FAMILIES:
+            cfg = compose_train([f"experiment={preset.format(family)}"], tmp_path)
+            model, dm = hydra.utils.instantiate(cfg.model), hydra.utils.instantiate(cfg.datamodule)
+            dm.setup()
+            images, labels = next(iter(dm.train_dataloader()))
+            batches = cfg.trainer.max_steps // model.max_optimizer_steps_per_batch   # the GAN: a D and a G step
+            flops = training_flops_per_image(model, images, labels) * cfg.datamodule.batch_size * batches
+            budgets[part, family] = flops
+    assert budgets == pytest.approx({key: BUDGET_FLOPS for key in budgets}, rel=0.02), budgets
