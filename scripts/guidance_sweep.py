@@ -57,6 +57,7 @@ def scale_config(cfg: DictConfig, key: str, scale: float, out_dir: Path) -> Dict
     with open_dict(one):
         one.sampler[key] = scale
         one.paths.output_dir = str(out_dir / f"scale_{scale:g}")
+        one.evaluation.bpd_num_images = 0   # guidance leaves the model's likelihood as it is
     return one
 
 

@@ -49,6 +49,7 @@ SWEEPS = {"classifier_free": [0.0, 0.5, 1.0, 2.0, 4.0], "classifier": [0.0, 1.0,
 #: the sweeps' sampler: DDIM-10 (eta 1) keeps 2 x 5 scales x 3 sample sets inside the CPU budget
 SWEEP_SAMPLER = {"name": "ddim", "steps": 10, "eta": 1.0}
 SWEEP_REPEATS = 3
+SWEEP_SAMPLES = 512
 MAIN_OVERRIDES = ["evaluation.reference.num_images=300"]
 NFE_SAMPLERS = [(f"DDIM-{steps}" + (" eta=1" if eta else ""), {"name": "ddim", "steps": steps, "eta": eta})
                 for eta in (0.0, 1.0) for steps in (10, 20, 50)]
@@ -135,22 +136,25 @@ def fid_vs_nfe(ddpm_run: Path, out: Path, num_samples: int, extra: list[str],
     return points
 
 
-def classifier_guided(ddpm_run: Path, classifier_ckpt: Path, out_dir: Path, sampler: dict, extra: list[str],
-                      final_extractors: list[str]) -> dict:
+def classifier_guided(ddpm_run: Path, classifier_ckpt: Path, out_dir: Path, sampler: dict, num_samples: int,
+                      extra: list[str], final_extractors: list[str]) -> dict:
     """A conditional DDPM evaluated with classifier guidance: an ordinary results.json (a table row)."""
     from scripts.evaluate import evaluate
 
     overrides = [*sampler_overrides({**sampler, "classifier_ckpt": classifier_ckpt,
                                      "classifier_scale": CLASSIFIER_SCALE, "guidance_scale": 0.0}),
+                 f"evaluation.num_samples={num_samples}",
                  "evaluation.bpd_num_images=0", f"evaluation.final_extractors=[{','.join(final_extractors)}]"]
     return evaluate(eval_config(ddpm_run / "checkpoints" / "last.ckpt", out_dir, overrides, extra))
 
 
-def sweep(ddpm_run: Path, guidance: str, out_dir: Path, extra: list[str], classifier_ckpt: Path | None) -> list:
+def sweep(ddpm_run: Path, guidance: str, out_dir: Path, num_samples: int, extra: list[str],
+          classifier_ckpt: Path | None) -> list:
     from scripts.guidance_sweep import guidance_sweep
 
     overrides = [f"guidance={guidance}", f"scales=[{','.join(map(str, SWEEPS[guidance]))}]",
-                 f"evaluation.repeats={SWEEP_REPEATS}", *sampler_overrides(SWEEP_SAMPLER)]
+                 f"evaluation.repeats={SWEEP_REPEATS}", f"evaluation.num_samples={num_samples}",
+                 *sampler_overrides(SWEEP_SAMPLER)]
     if classifier_ckpt is not None:
         overrides.append(f"sampler.classifier_ckpt={classifier_ckpt}")
     return guidance_sweep(eval_config(ddpm_run / "checkpoints" / "last.ckpt", out_dir, overrides, extra,
@@ -206,7 +210,8 @@ def write_part(name: str, records: list, out: Path, seeds: list[int]) -> dict:
 
 
 def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str, str] | None = None,
-                 extra: list[str] = (), nfe_samples: int = 128, jobs: int = 2, guidance: bool = True) -> dict:
+                 extra: list[str] = (), nfe_samples: int = 128, jobs: int = 2, guidance: bool = True,
+                 sweep_samples: int = SWEEP_SAMPLES) -> dict:
     """``parts``: {part name: experiment per family ("{}" = family), or one shared experiment swept
     over model=... (e.g. "smoke")}. ``guidance``: classifier guidance and the sweeps (step 3)."""
     parts = dict(PARTS if parts is None else parts)
@@ -245,7 +250,7 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str
     if conditional and cond0 is not None:
         for guidance_kind in SWEEPS:
             if guidance_kind == "classifier_free" or classifier_ckpt is not None:
-                tasks.append((sweep, cond0, guidance_kind, out / "sweeps" / guidance_kind, extra,
+                tasks.append((sweep, cond0, guidance_kind, out / "sweeps" / guidance_kind, sweep_samples, extra,
                               classifier_ckpt if guidance_kind == "classifier" else None))
                 labels.append(f"sweep:{guidance_kind}")
     uncond0 = seed0_ddpm(next(iter(parts)))
@@ -257,7 +262,8 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str
             if r.ok and r.results["model"] == "ddpm":
                 seed = r.results["seed"]
                 tasks.append((classifier_guided, Path(r.source), classifier_ckpt,
-                              out / "guided" / f"digits_cond_ddpm_classifier_seed{seed}", r.results["sampler"], extra,
+                              out / "guided" / f"digits_cond_ddpm_classifier_seed{seed}", r.results["sampler"],
+                              r.results["num_samples"], extra,
                               ["inception_pool"] if seed == seeds[0] else []))
                 labels.append(f"guided:{seed}")
     if tasks:
@@ -295,6 +301,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--nfe-samples", type=int, default=128, help="samples per point of the FID-vs-NFE curve")
     p.add_argument("--jobs", type=int, default=2, help="jobs run side by side (1 thread each)")
+    p.add_argument("--sweep-samples", type=int, default=SWEEP_SAMPLES,
+                   help="samples per scale and sample set of the guidance sweeps")
     p.add_argument("--preset", default=None,
                    help='only this part: experiment per family ("{}" = family) or one shared one, e.g. '
                         '"digits_{}" = each family at its own preset budget, unconditional; default: both parts '
@@ -303,7 +311,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     out = args.out or ROOT / "logs" / "main" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     parts = None if args.preset is None else {"unconditional": args.preset}
-    result = run_main_job(out, args.seeds, args.families, parts, args.overrides, args.nfe_samples, args.jobs)
+    result = run_main_job(out, args.seeds, args.families, parts, args.overrides, args.nfe_samples, args.jobs,
+                          sweep_samples=args.sweep_samples)
     for name, table in result["tables"].items():
         print(f"\n{name}:\n" + to_markdown(table))
     print(f"main job finished in {result['wall_seconds'] / 60:.1f} min")

@@ -405,7 +405,7 @@ def test_conditional_checkpoint_metrics_are_identical_on_one_and_two_processes(g
     for n in (1, 2):
         results[n] = evaluate(compose_eval([
             f"ckpt_path={ddpm}", f"num_processes={n}", "evaluation.num_samples=10", "evaluation.batch_size=3",
-            "evaluation.bpd_num_images=4", "sampler.name=ddim", "sampler.steps=4", "sampler.guidance_scale=1.5",
+            "evaluation.bpd_num_images=2", "sampler.name=ddim", "sampler.steps=4", "sampler.guidance_scale=1.5",
             f"sampler.classifier_ckpt={classifier_dir / 'checkpoints' / 'last.ckpt'}", "sampler.classifier_scale=2",
             f"paths.cache_dir={shared_cache}"], tmp_path / f"n{n}"))
     one, two = results[1]["metrics"], results[2]["metrics"]

@@ -60,12 +60,12 @@ def test_slurm_launcher_preset_composes_one_task_per_gpu():
 @pytest.mark.slow
 def test_main_job_at_smoke_scale(tmp_path, shared_cache):
     from scripts.main_job import run_main_job
-    result = run_main_job(tmp_path, [0, 1], preset="smoke", extra=[f"paths.cache_dir={shared_cache}", "logger=csv"],
-                          nfe_samples=16)
-    assert len(result["table"].rows) == 4 and not result["failed"]
+    result = run_main_job(tmp_path, [0, 1], parts={"unconditional": "smoke"},
+                          extra=[f"paths.cache_dir={shared_cache}", "logger=csv"], nfe_samples=16)
+    assert len(result["tables"]["unconditional"].rows) == 4 and not result["failed"]
     for ext in ("md", "tex", "csv"):
-        assert (tmp_path / f"table.{ext}").is_file()
-    for name in ("fid_vs_step", "precision_recall", "fid_vs_nfe", "samples"):
+        assert (tmp_path / f"table_unconditional.{ext}").is_file()
+    for name in ("unconditional_fid_vs_step", "unconditional_precision_recall", "fid_vs_nfe", "unconditional_samples"):
         assert (tmp_path / "plots" / f"{name}.png").is_file() and (tmp_path / "plots" / f"{name}.pdf").is_file()
     assert [p["label"] for p in result["fid_vs_nfe"]][-1] == "ancestral-1000"
 
