@@ -145,7 +145,13 @@ def classifier_guided(ddpm_run: Path, classifier_ckpt: Path, out_dir: Path, samp
                                      "classifier_scale": CLASSIFIER_SCALE, "guidance_scale": 0.0}),
                  f"evaluation.num_samples={num_samples}",
                  "evaluation.bpd_num_images=0", f"evaluation.final_extractors=[{','.join(final_extractors)}]"]
-    return evaluate(eval_config(ddpm_run / "checkpoints" / "last.ckpt", out_dir, overrides, extra))
+    summary = evaluate(eval_config(ddpm_run / "checkpoints" / "last.ckpt", out_dir, overrides, extra))
+    # the same trained model: its training budget goes with the row (the table's budget column)
+    trained = json.loads((ddpm_run / "results.json").read_text())
+    summary.update({k: trained[k] for k in ("flops_per_image", "train_images", "train_flops") if k in trained})
+    from metrics.results import RESULTS_FILE, write_json
+    write_json(out_dir / RESULTS_FILE, summary)
+    return summary
 
 
 def sweep(ddpm_run: Path, guidance: str, out_dir: Path, num_samples: int, extra: list[str],
