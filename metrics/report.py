@@ -23,7 +23,8 @@ FEATURE_COLUMNS = [("fid", "FID", False), ("fid_inf", "FID∞", False), ("is", "
                    ("precision", "Prec.", True), ("recall", "Rec.", True),
                    ("density", "Dens.", True), ("coverage", "Cov.", True), ("class_acc", "class acc.", True),
                    ("intra_fid", "intra-FID", False)]
-OTHER_COLUMNS = [("bpd", "bits/dim", False), ("nfe", "NFE", False), ("sec_per_sample", "s/sample", False)]
+OTHER_COLUMNS = [("bpd", "bits/dim", False), ("nfe", "NFE", False), ("classifier_nfe", "classifier NFE", False),
+                 ("sec_per_sample", "s/sample", False)]
 INFO_COLUMNS = [("num_params", "params"), ("train_steps", "steps"), ("train_flops", "budget (TFLOP)")]
 
 
@@ -276,7 +277,7 @@ def build_table(records: Sequence[RunRecord], group_by: Sequence[str] = ("model"
 
 def _digits(key: str) -> int | str:
     base = key.split("/")[-1]
-    return {"fid": 2, "fid_inf": 2, "is": 2, "kid": 3, "bpd": 3, "nfe": 0, "sec_per_sample": ".1e",
+    return {"fid": 2, "fid_inf": 2, "is": 2, "kid": 3, "bpd": 3, "nfe": 0, "classifier_nfe": 0, "sec_per_sample": ".1e",
             "num_params": 0, "train_steps": 0}.get(base, 3)
 
 

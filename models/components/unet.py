@@ -156,6 +156,28 @@ def build_down_path(base_channels: int, widths: Sequence[int], num_res_blocks: i
     return down, skip_chs, ch
 
 
+def build_encoder(module: nn.Module, in_channels: int, base_channels: int, widths: Sequence[int],
+                  num_res_blocks: int, resolutions: Sequence[int], attention_resolutions: Sequence[int],
+                  temb_ch: int, dropout: float, groups: int) -> tuple[list[int], int]:
+    """Give ``module`` the encoder the UNet and the noise-aware classifier share: ``conv_in``, the
+    downsampling ``down`` stages and the ``mid`` block (ResBlock, attention, ResBlock). Returns the
+    skip channels and the final width."""
+    module.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+    module.down, skip_chs, ch = build_down_path(base_channels, widths, num_res_blocks, resolutions,
+                                                attention_resolutions, temb_ch, dropout, groups)
+    module.mid = nn.ModuleList([ResBlock(ch, ch, temb_ch, dropout, groups), AttnBlock(ch, groups),
+                                ResBlock(ch, ch, temb_ch, dropout, groups)])
+    return skip_chs, ch
+
+
+def encode(module: nn.Module, x: Tensor, temb: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """Run :func:`build_encoder`'s layers: (the middle block's output, the skip activations)."""
+    hs = [module.conv_in(x)]
+    for stage in module.down:
+        hs.append(run_stage(stage, hs[-1], temb))
+    return module.mid[2](module.mid[1](module.mid[0](hs[-1], temb)), temb), hs
+
+
 def run_stage(stage: nn.Module, h: Tensor, temb: Tensor) -> Tensor:
     if isinstance(stage, nn.ModuleList):  # ResBlock [+ AttnBlock]
         h = stage[0](h, temb)
@@ -185,12 +207,8 @@ class UNet(nn.Module):
         self.temb = TimestepLabelEmbedding(base_channels, num_classes, null_class)
         self.num_classes, self.null_class = self.temb.num_classes, self.temb.null_class
         temb_ch = self.temb.dim
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-        self.down, skip_chs, ch = build_down_path(base_channels, widths, num_res_blocks, resolutions,
-                                                  attention_resolutions, temb_ch, dropout, norm_groups)
-
-        self.mid = nn.ModuleList([ResBlock(ch, ch, temb_ch, dropout, norm_groups), AttnBlock(ch, norm_groups),
-                                  ResBlock(ch, ch, temb_ch, dropout, norm_groups)])
+        skip_chs, ch = build_encoder(self, in_channels, base_channels, widths, num_res_blocks, resolutions,
+                                     attention_resolutions, temb_ch, dropout, norm_groups)
 
         self.up = nn.ModuleList()
         for level in reversed(range(num_levels)):
@@ -214,10 +232,7 @@ class UNet(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
         temb = self.temb(t, y)                                                 # (B, 4ch)
-        hs = [self.conv_in(x)]
-        for stage in self.down:
-            hs.append(run_stage(stage, hs[-1], temb))
-        h = self.mid[2](self.mid[1](self.mid[0](hs[-1], temb)), temb)
+        h, hs = encode(self, x, temb)
         for stage in self.up:
             if isinstance(stage, nn.ModuleList):
                 h = torch.cat([h, hs.pop()], dim=1)
@@ -264,19 +279,11 @@ class EncoderClassifier(nn.Module):
         widths = [base_channels * m for m in channel_mult]
         self.in_channels, self.image_size, self.num_classes = in_channels, image_size, int(num_classes)
         self.temb = TimestepLabelEmbedding(base_channels)
-        temb_ch = self.temb.dim
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-        self.down, _, ch = build_down_path(base_channels, widths, num_res_blocks, resolutions,
-                                           attention_resolutions, temb_ch, dropout, norm_groups)
-        self.mid = nn.ModuleList([ResBlock(ch, ch, temb_ch, dropout, norm_groups), AttnBlock(ch, norm_groups),
-                                  ResBlock(ch, ch, temb_ch, dropout, norm_groups)])
+        _, ch = build_encoder(self, in_channels, base_channels, widths, num_res_blocks, resolutions,
+                              attention_resolutions, self.temb.dim, dropout, norm_groups)
         self.norm_out = nn.GroupNorm(norm_groups, ch)
         self.pool = AttentionPool2d(resolutions[-1], ch, pool_heads, self.num_classes)
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        temb = self.temb(t)
-        h = self.conv_in(x)
-        for stage in self.down:
-            h = run_stage(stage, h, temb)
-        h = self.mid[2](self.mid[1](self.mid[0](h, temb)), temb)
+        h, _ = encode(self, x, self.temb(t))
         return self.pool(F.silu(self.norm_out(h)))
