@@ -104,3 +104,28 @@ def test_sweep_overview_counts_jobs_and_estimates_from_steps(tmp_path):
     assert "1/5 done, 1 running, 1 failed, 2 waiting" in line
     assert "~4:11 left" in line    # 249 s for 2.49 jobs' worth: 2.51 more at the same pace
     assert "estimating" in overview_line("x", sweep_status(tmp_path / "none", 3), 1.0, 1.0)
+
+
+def test_runs_are_assigned_to_their_part_and_labelled_by_guidance(tmp_path):
+    from metrics.report import RunRecord, sampler_text
+    from scripts.main_job import FAMILIES, PARTS, _part_of, guidance_label
+
+    def record(name):
+        return RunRecord(str(tmp_path / name), {})
+    assert _part_of(record("digits_cond_gan_gan_seed0"), PARTS["conditional"], FAMILIES)
+    assert not _part_of(record("digits_cond_gan_gan_seed0"), PARTS["unconditional"], FAMILIES)
+    assert _part_of(record("smoke_vae_seed1"), "smoke", FAMILIES)
+    sampler = {"name": "ddim", "steps": 50, "eta": 1.0, "guidance_scale": 0.0, "classifier_scale": 2.0,
+               "classifier_ckpt": "/x/logs/main/classifier/checkpoints/last.ckpt"}
+    assert sampler_text(sampler) == "ddim-50 classifier_ckpt=classifier classifier_scale=2 eta=1"
+    assert guidance_label({"model": "ddpm", "sampler": sampler}) == "ddpm, classifier_scale=2"
+    assert guidance_label({"model": "gan", "sampler": {}}) == "gan"
+
+
+@pytest.mark.parametrize("scales,match", [("[1,-2]", ">= 0"), ("[1,strong]", "numbers"), ("[]", "at least one")])
+def test_guidance_sweep_refuses_bad_scales(scales, match):
+    from omegaconf import OmegaConf
+
+    from scripts.guidance_sweep import check_scales
+    with pytest.raises(ValueError, match=match):
+        check_scales(OmegaConf.to_container(OmegaConf.create(f"v: {scales}"))["v"])
