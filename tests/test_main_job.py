@@ -67,7 +67,7 @@ def test_main_job_at_smoke_scale(tmp_path, shared_cache):
         assert (tmp_path / f"table_unconditional.{ext}").is_file()
     for name in ("unconditional_fid_vs_step", "unconditional_precision_recall", "fid_vs_nfe", "unconditional_samples"):
         assert (tmp_path / "plots" / f"{name}.png").is_file() and (tmp_path / "plots" / f"{name}.pdf").is_file()
-    assert [p["label"] for p in result["fid_vs_nfe"]][-1] == "ancestral-1000"
+    assert [p["label"] for p in result["fid_vs_nfe"]][-1] == "ancestral-50"
 
 
 @pytest.mark.parametrize("seed,expected", [(0, ["inception_pool"]), (1, [])])
