@@ -43,7 +43,8 @@ def test_plots_are_written_as_png_and_pdf(runs, tmp_path):
 
 def test_sampler_settings_are_recorded_only_by_the_family_that_uses_them():
     import hydra
-    for model, expected in [("gan", {}), ("ddpm", {"name": "ddim", "steps": 50, "eta": 0.0})]:
+    unguided = {"guidance_scale": 0.0, "classifier_ckpt": None, "classifier_scale": 0.0}   # recorded too
+    for model, expected in [("gan", {}), ("ddpm", {"name": "ddim", "steps": 50, "eta": 0.0, **unguided})]:
         m = hydra.utils.instantiate(compose_train([f"model={model}"]).model)
         assert m.sampler_kwargs(name="ddim", steps=50, eta=0.0) == expected
 
