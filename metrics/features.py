@@ -67,7 +67,7 @@ class FeatureMetrics:
         self.intra_fid = bool(intra_fid)
         self.pool_store = GeneratedFeatures() if (self.fid is not None or self.intra_fid) and not (self.kid or self.prdc) \
             else None
-        self.class_accuracy = ClassAccuracy() if extractor.classifies_dataset else None
+        self.class_accuracy = ClassAccuracy() if getattr(extractor, "classifies_dataset", False) else None
         self.label_store = GeneratedFeatures()   # the intended labels, in sample order (intra-FID, records)
         self.seed = seed
 
