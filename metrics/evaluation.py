@@ -32,6 +32,13 @@ LABEL_DISTRIBUTIONS = ("uniform", "dataset")
 SEED_STRIDE = 10 ** 9
 
 
+def label_classes(module, sampler: dict[str, Any]) -> int | None:
+    """The classes a module's samples are drawn for (None: it takes no labels; also for a model
+    that predates class conditioning and lacks ``label_classes``)."""
+    ask = getattr(module, "label_classes", None)
+    return None if ask is None else ask(**sampler)
+
+
 def quantize(images: Tensor) -> Tensor:
     """[0, 1] floats -> uint8 by clamp and round (the same for real and generated images)."""
     return images.clamp(0.0, 1.0).mul(255.0).round().to(torch.uint8)
@@ -113,7 +120,7 @@ class Evaluator:
         ``offset`` selects an independent set of per-sample seeds (a repeat)."""
         rank, world = rank_and_world()
         mine = list(shard(self.num_samples, rank, world))
-        num_classes = module.label_classes(**sampler)
+        num_classes = label_classes(module, sampler)
         seconds = 0.0
         for start in range(0, len(mine), self.batch_size):
             idx = mine[start:start + self.batch_size]
@@ -124,7 +131,8 @@ class Evaluator:
             if module.device.type == "cuda":
                 torch.cuda.synchronize(module.device)
             t0 = time.perf_counter()
-            images = module.sample(len(idx), generator=noise, labels=labels, **sampler)
+            conditioning = {} if labels is None else {"labels": labels}
+            images = module.sample(len(idx), generator=noise, **conditioning, **sampler)
             if module.device.type == "cuda":
                 torch.cuda.synchronize(module.device)
             seconds += time.perf_counter() - t0
@@ -144,10 +152,10 @@ class Evaluator:
             idx = mine[start:start + self.batch_size]
             items = [test_set[i] for i in idx]
             x = torch.stack([item[0] for item in items]).to(module.device)
-            labels = torch.tensor([int(item[1]) for item in items], device=module.device) \
-                if module.num_classes is not None else None
+            conditioning = {} if getattr(module, "num_classes", None) is None else \
+                {"labels": torch.tensor([int(item[1]) for item in items], device=module.device)}
             nats = -module.log_likelihood(x, generator=SampleNoise(self._seeds(idx, offset=1), module.device),
-                                          labels=labels)
+                                          **conditioning)
             bpd = bits_per_dim(nats.double(), module.num_dims)
             if not torch.isfinite(bpd).all():
                 raise FloatingPointError(f"{type(module).__name__}.log_likelihood returned non-finite values")
@@ -206,7 +214,7 @@ class Evaluator:
                     if key not in ("nfe", "classifier_nfe", "sec_per_sample"):
                         metrics[f"{key}_ci95"] = t_half_width(mean_std([m[key] for m in sets])[1], self.repeats)
                 details["repeats"] = {"count": self.repeats, "per_set": sets}
-            num_classes = module.label_classes(**sampler)
+            num_classes = label_classes(module, sampler)
             if num_classes is not None:  # a pure function of the seeds: every rank can list them all
                 labels = self.labels_of(range(self.num_samples), num_classes, 0, class_frequencies)
                 details["labels"] = {"distribution": self.label_distribution, "num_classes": num_classes,
