@@ -220,7 +220,7 @@ def test_projection_discriminator_adds_the_class_embedding_inner_product(net):
 
 # ----------------------------------------------------------------------------- flow and VAE
 def test_conditional_flow_density_integrates_to_one():
-    """Importance sampling of int p(v | y) dv over logit space for a 2x2 flow with perturbed weights:
+    """Importance sampling (150k points) of int p(v | y) dv over logit space for a 2x2 flow with perturbed weights:
     the conditional density is normalised for every class."""
     import hydra
 
@@ -233,7 +233,7 @@ def test_conditional_flow_density_integrates_to_one():
             p.add_(0.05 * torch.randn_like(p))
         model.base_mean.normal_(0, 0.5)
         model.base_log_scale.normal_(0, 0.2)
-    n, scale = 400_000, 2.0
+    n, scale = 150_000, 2.0
     proposal = torch.distributions.Normal(0.0, scale)
     v = proposal.sample((n, 1, 2, 2)).double()
     log_q = proposal.log_prob(v).flatten(1).sum(1)
@@ -242,7 +242,7 @@ def test_conditional_flow_density_integrates_to_one():
         for y in (0, 1):
             log_p = model.base_log_prob(z, torch.full((n,), y)) + logdet
             integral = torch.exp(log_p - log_q).mean().item()
-            assert integral == pytest.approx(1.0, abs=0.02), (y, integral)   # MC error ~0.003
+            assert integral == pytest.approx(1.0, abs=0.025), (y, integral)   # MC error ~0.005
 
 
 def test_conditional_bounds_use_the_labels(tmp_path):
@@ -395,6 +395,7 @@ def test_guidance_sweeps_write_tables_plots_and_true_costs(guided_checkpoints, s
         assert one["details"]["labels"]["counts"] and sum(one["details"]["labels"]["counts"]) == 12
 
 
+@pytest.mark.slow   # about 40 s: two gloo processes sampling with both kinds of guidance (make test-all)
 def test_conditional_checkpoint_metrics_are_identical_on_one_and_two_processes(guided_checkpoints, shared_cache,
                                                                                tmp_path):
     from scripts.evaluate import evaluate
