@@ -220,8 +220,8 @@ def test_projection_discriminator_adds_the_class_embedding_inner_product(net):
 
 # ----------------------------------------------------------------------------- flow and VAE
 def test_conditional_flow_density_integrates_to_one():
-    """Importance sampling (150k points) of int p(v | y) dv over logit space for a 2x2 flow with perturbed weights:
-    the conditional density is normalised for every class."""
+    """Importance sampling (150k points) of int p(v | y) dv over logit space for a 2x2 flow with
+    perturbed weights: the conditional density is normalised for every class."""
     import hydra
 
     cfg = compose_train(["model=realnvp", "model.num_classes=2", "datamodule.image_size=2",
