@@ -35,18 +35,17 @@ SWEEP_METRICS = ("fid", "is", "precision", "recall", "density", "coverage", "cla
 
 
 def check_scales(scales: Any) -> list[float]:
-    """The scales as floats >= 0, or an error naming the bad one."""
+    """The scales as floats >= 0 (the DDPM's own check of one scale), or an error naming the bad one."""
+    from models.ddpm import scale_value
+
     if isinstance(scales, (int, float, str)) or scales is None:
         scales = [scales]
     out = []
     for s in scales:
         try:
-            value = float(s)
-        except (TypeError, ValueError):
+            out.append(scale_value("scale", s))
+        except ValueError:
             raise ValueError(f"guidance scales must be numbers >= 0; got {s!r} in scales={list(scales)}") from None
-        if not value >= 0:
-            raise ValueError(f"guidance scales must be >= 0; got {s!r} in scales={list(scales)}")
-        out.append(value)
     if not out:
         raise ValueError("give at least one scale, e.g. scales=[0,1,2,4]")
     return out
