@@ -76,6 +76,32 @@ def _evaluation_passes(device, cache_dir: Path) -> dict:
     return results
 
 
+def inception_throughput(device, num_images: int = 64, chunks=(256, 32, 8)) -> list[dict]:
+    """Seconds per image of the inception_pool extractor on 8x8 digits-like images (resized to
+    299x299 inside) at several images per forward (metrics.extractors.CPU_CHUNK is the default on
+    the CPU), with the largest feature difference to the first setting (float rounding only)."""
+    from metrics.extractors import InceptionPoolExtractor
+
+    extractor = InceptionPoolExtractor().to(device)
+    images = torch.randint(0, 256, (num_images, 1, 8, 8), generator=torch.Generator().manual_seed(0),
+                           dtype=torch.uint8).to(device)
+    rows, first = [], None
+    for chunk in chunks:
+        extractor.chunk = chunk
+        extractor(images[:min(chunk, num_images)])  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        feats = extractor(images)["pool"]
+        sync(device)
+        seconds = time.perf_counter() - t0
+        first = feats if first is None else first
+        rows.append({"chunk": chunk, "sec_per_image": seconds / num_images,
+                     "max_abs_diff": float((feats - first).abs().max())})
+    for row in rows:
+        row["speedup"] = rows[0]["sec_per_image"] / row["sec_per_image"]
+    return rows
+
+
 DDPM_SAMPLERS = [("ancestral-1000", {"name": "ancestral", "steps": None})] + [
     (f"DDIM-{steps}", {"name": "ddim", "steps": steps, "eta": 0.0}) for steps in (100, 50, 20, 10)]
 

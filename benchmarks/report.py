@@ -34,6 +34,12 @@ def to_markdown(r: dict) -> str:
             mark = " †" if row["fast_path"] in FRESH_PROCESS and rows[0].get("method") == "interleaved" else ""
             lines.append(f"| {row['fast_path']}{mark} | {row['img_s']:.0f} | {row['vs_default']:.3f} | "
                          f"{row['model_tflop_s']:.4f} | {mfu} |")
+    if r.get("inception"):
+        lines += ["", "inception_pool extractor (8x8 images resized to 299x299 inside; "
+                  f"{m.get('train_threads', m['cpu_threads'])} thread(s)):", "",
+                  "| images per forward | s/image | speedup vs first | max feature difference |", "|---|---|---|---|"]
+        for row in r["inception"]:
+            lines.append(f"| {row['chunk']} | {row['sec_per_image']:.4f} | {row['speedup']:.2f} | {row['max_abs_diff']:.1e} |")
     if "fid_vs_sqrtm" not in r:   # --training-only
         return "\n".join(lines) + "\n"
     f = r["fid_vs_sqrtm"]

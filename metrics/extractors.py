@@ -21,6 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 INCEPTION_SIZE = 299
+#: images per Inception forward on the CPU. A batch's 299x299 activations are far above glibc's
+#: largest mmap threshold, so every large batch maps its working memory in afresh (page faults,
+#: system time); small chunks reuse freed blocks. On a GPU the whole batch goes in one forward.
+#: (scripts/benchmark.py --inception measures it.)
+CPU_CHUNK = 8
 
 
 def file_digest(path: str | Path, length: int = 16) -> str:
@@ -52,12 +57,25 @@ def nvidia_bilinear_resize(x: Tensor, size: int = INCEPTION_SIZE) -> Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def chunked(forward, images: Tensor, chunk: int | None = None) -> dict[str, Tensor | None]:
+    """``forward(images)`` in chunks of ``chunk`` images (default: CPU_CHUNK on the CPU, one
+    chunk elsewhere), outputs concatenated. Inference networks in eval mode give each image's
+    features independently of its batch, so the result is the same."""
+    chunk = chunk or (CPU_CHUNK if images.device.type == "cpu" else len(images))
+    if len(images) <= chunk:
+        return forward(images)
+    parts = [forward(images[i:i + chunk]) for i in range(0, len(images), chunk)]
+    return {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
 class FeatureExtractor(nn.Module):
     name: str = "base"
     feature_dim: int = 0
     has_logits: bool = False
     #: its logits are the dataset's own classes (a classifier trained on its labels): class_acc
     classifies_dataset: bool = False
+    #: images per forward of :meth:`features` (None: CPU_CHUNK on the CPU, the whole batch elsewhere)
+    chunk: int | None = None
 
     def cache_key(self) -> dict:
         """What identifies this extractor's features (weights and preprocessing) in cache keys."""
@@ -119,7 +137,13 @@ class InceptionPoolExtractor(FeatureExtractor):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> dict[str, Tensor | None]:
-        feats = self.net(self.preprocess(images))
+        return chunked(self.features, images, self.chunk)
+
+    def features(self, images: Tensor) -> dict[str, Tensor | None]:
+        x = self.preprocess(images)
+        if x.device.type == "cpu":  # oneDNN's convolutions run faster on NHWC (same maths, float rounding)
+            x = x.contiguous(memory_format=torch.channels_last)
+        feats = self.net(x)
         if feats.ndim > 2:
             feats = feats.mean(dim=tuple(range(2, feats.ndim)))
         return {"pool": feats.float(), "logits": None}
@@ -152,5 +176,8 @@ class InceptionExtractor(FeatureExtractor):
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> dict[str, Tensor | None]:
+        return chunked(self.features, images, self.chunk)
+
+    def features(self, images: Tensor) -> dict[str, Tensor | None]:
         pool, logits = self.net(to_rgb(images).contiguous())
         return {"pool": pool.float(), "logits": logits.float()}

@@ -179,6 +179,16 @@ def comparability(results: dict) -> dict[str, str]:
             "reference": f"{ref.get('split', '?')}:{ref.get('num_images', '?')}", "feature_extractor": str(extractor)}
 
 
+def run_filter_keys(results: dict) -> dict:
+    """The flat run config W&B panels filter and group on (metrics/dashboard.py): the family, the
+    table's row keys, the guidance scales (0 = unguided) and the seed."""
+    sampler = results.get("sampler") or {}
+    return {"family": results.get("model"), **comparability(results),
+            "num_classes": _group_value(results, "model.num_classes"),
+            "guidance_scale": float(sampler.get("guidance_scale") or 0.0),
+            "classifier_scale": float(sampler.get("classifier_scale") or 0.0), "seed": results.get("seed")}
+
+
 class IncomparableRunsError(ValueError):
     """Runs asked to share a row differ in a setting that changes what their numbers mean."""
 

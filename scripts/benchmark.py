@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.configs import ROOT, compose_cfg
-from benchmarks.evaluation import evaluation_passes, fid_vs_sqrtm, sampler_fid, sampling_costs
+from benchmarks.evaluation import evaluation_passes, fid_vs_sqrtm, inception_throughput, sampler_fid, sampling_costs
 from benchmarks.fast_paths import FAST_PATHS, PEAK_BF16_TFLOPS, fast_path_table
 from benchmarks.memory import PeakMemory
 from benchmarks.report import to_markdown
@@ -41,7 +41,8 @@ def run_benchmark(families: list[str], device: torch.device, batch_size: int, ba
                   fast_family: str = "ddpm", peak_tflops: float | None = None, fast_repeats: int = 3,
                   train_threads: int | None = None, image_size: int | None = None, training_only: bool = False,
                   sampler_fid_run: Path | None = None,
-                  sampler_fid_n: int = 1000, sampler_fid_out: Path = ROOT / "logs" / "benchmark") -> dict:
+                  sampler_fid_n: int = 1000, sampler_fid_out: Path = ROOT / "logs" / "benchmark",
+                  inception: bool = False) -> dict:
     torch.manual_seed(0)
     # digits resized (bilinear) to another resolution, e.g. 32: CIFAR-10's, where the step is the papers' size
     data = (f"datamodule.image_size={image_size}",) if image_size else ()
@@ -72,6 +73,8 @@ def run_benchmark(families: list[str], device: torch.device, batch_size: int, ba
         out["fast_paths"] = fast_path_table(fast_family, device, batch_size, batches, fast_repeats,
                                             ["default", *[n for n in fast_paths if n != "default"]], peak_tflops,
                                             data)
+    if inception:
+        out["inception"] = inception_throughput(device)
     torch.set_num_threads(default_threads)
     if training_only:
         return out
@@ -93,7 +96,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads of the training-throughput rows (1 is the steadiest on a "
                         "shared CPU machine); evaluation and sampling use the default")
-    p.add_argument("--families", nargs="+", default=["gan", "vae", "realnvp", "ddpm"])
+    p.add_argument("--families", nargs="*", default=["gan", "vae", "realnvp", "ddpm"],
+                   help="training rows (none: skip them, e.g. --families --training-only --inception)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, default=None,
                    help="resize the digits for the training rows (default: their 8x8; 32 = CIFAR-10's resolution)")
@@ -113,6 +117,8 @@ def main(argv=None) -> None:
     p.add_argument("--sampler-fid-run", type=Path, default=None,
                    help="a trained DDPM run dir: FID of DDIM-50 (eta 0, 1) vs ancestral-1000 on it")
     p.add_argument("--sampler-fid-n", type=int, default=1000)
+    p.add_argument("--inception", action="store_true",
+                   help="inception_pool seconds per image at 256 / 32 / 8 images per forward (--threads applies)")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.batches, args.sample_n = 1, 10, 16
@@ -122,7 +128,7 @@ def main(argv=None) -> None:
                            fast_family=args.fast_family, peak_tflops=args.peak_tflops, fast_repeats=args.fast_repeats,
                            train_threads=args.threads, image_size=args.image_size, training_only=args.training_only,
                            sampler_fid_run=args.sampler_fid_run, sampler_fid_n=args.sampler_fid_n,
-                           sampler_fid_out=args.out / "sampler_fid")
+                           sampler_fid_out=args.out / "sampler_fid", inception=args.inception)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark.json").write_text(json.dumps(result, indent=2))
     md = to_markdown(result)

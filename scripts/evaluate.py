@@ -186,6 +186,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if grid is not None:
         save_png(grid, out_dir / "samples.png")
     write_json(out_dir / RESULTS_FILE, summary)
+    if cfg.get("wandb") and cfg.wandb.get("enabled"):
+        from scripts.loggers import log_results_run
+        log_results_run(summary, cfg.wandb.project, str(out_dir), cfg.wandb.group, list(cfg.wandb.tags),
+                        cfg.wandb.mode, grid)
     return summary
 
 

@@ -61,6 +61,11 @@ def stage(name: str, started: float) -> None:
     print(f"[{clock(time.perf_counter() - started)}] {name}", flush=True)
 
 
+def wandb_group(out: Path) -> str:
+    """The W&B group of one main job (its runs' task_name): scripts/wandb_dashboard.py --group."""
+    return f"main_{out.name}"
+
+
 def multirun(out: Path, sweep: list[str], seeds: list[int], extra: list[str], log: Path, jobs: int,
              total: int, started: float) -> None:
     """One Hydra multirun; ``jobs`` > 1 runs that many single-threaded jobs side by side (joblib).
@@ -69,7 +74,7 @@ def multirun(out: Path, sweep: list[str], seeds: list[int], extra: list[str], lo
     parallel = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", "num_threads=1"] if jobs > 1 else []
     cmd = [sys.executable, "scripts/train.py", "-m", *sweep, f"seed={','.join(map(str, seeds))}",
            f"hydra.sweep.dir={out / 'runs'}", "hydra.sweep.subdir=${hydra:runtime.choices.experiment}_${hydra:runtime.choices.model}_seed${seed}",
-           "callbacks.progress_bar=null", "task_name=main", *parallel, *extra]
+           "callbacks.progress_bar=null", f"task_name={wandb_group(out)}", *parallel, *extra]
     print("+", " ".join(cmd), flush=True)
     print(f"  jobs log to {log} and to their run directories under {out / 'runs'}", flush=True)
     with open(log, "a") as f:
@@ -97,8 +102,10 @@ def prepare_caches(extractors: list[str], overrides: list[str]) -> None:
                               cfg.evaluation.reference.num_images, "auto", "cpu")
 
 
-def eval_config(ckpt: Path, out_dir: Path, overrides: list[str], extra: list[str], config_name: str = "eval"):
-    """scripts/evaluate.py's config for ``ckpt`` (plus the main job's paths and reference)."""
+def eval_config(ckpt: Path, out_dir: Path, overrides: list[str], extra: list[str], config_name: str = "eval",
+                group: str | None = None):
+    """scripts/evaluate.py's config for ``ckpt`` (plus the main job's paths and reference); with
+    ``group``, the evaluation is also a W&B run of that group (the dashboard's guidance panels)."""
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
@@ -106,7 +113,9 @@ def eval_config(ckpt: Path, out_dir: Path, overrides: list[str], extra: list[str
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name=config_name, overrides=[
-            f"ckpt_path={ckpt}", *overrides, *[o for o in extra if o.startswith(("paths.", "evaluation.reference"))]])
+            f"ckpt_path={ckpt}", *overrides, *[o for o in extra if o.startswith(("paths.", "evaluation.reference"))],
+            *([f"wandb.enabled={not any(o == 'logger=csv' or o == 'logger=none' for o in extra)}",
+               f"wandb.group={group}"] if group else [])])
     with open_dict(cfg):
         cfg.paths.output_dir = str(out_dir)
     return cfg
@@ -138,7 +147,7 @@ def fid_vs_nfe(ddpm_run: Path, out: Path, num_samples: int, extra: list[str],
 
 
 def classifier_guided(ddpm_run: Path, classifier_ckpt: Path, out_dir: Path, sampler: dict, num_samples: int,
-                      extra: list[str], final_extractors: list[str]) -> dict:
+                      extra: list[str], final_extractors: list[str], group: str | None = None) -> dict:
     """A conditional DDPM evaluated with classifier guidance: an ordinary results.json (a table row)."""
     from scripts.evaluate import evaluate
 
@@ -146,7 +155,7 @@ def classifier_guided(ddpm_run: Path, classifier_ckpt: Path, out_dir: Path, samp
                                      "classifier_scale": CLASSIFIER_SCALE, "guidance_scale": 0.0}),
                  f"evaluation.num_samples={num_samples}",
                  "evaluation.bpd_num_images=0", f"evaluation.final_extractors=[{','.join(final_extractors)}]"]
-    summary = evaluate(eval_config(ddpm_run / "checkpoints" / "last.ckpt", out_dir, overrides, extra))
+    summary = evaluate(eval_config(ddpm_run / "checkpoints" / "last.ckpt", out_dir, overrides, extra, group=group))
     # the same trained model: its training budget goes with the row (the table's budget column)
     trained = json.loads((ddpm_run / "results.json").read_text())
     summary.update({k: trained[k] for k in ("flops_per_image", "train_images", "train_flops") if k in trained})
@@ -156,7 +165,7 @@ def classifier_guided(ddpm_run: Path, classifier_ckpt: Path, out_dir: Path, samp
 
 
 def sweep(ddpm_run: Path, guidance: str, out_dir: Path, num_samples: int, extra: list[str],
-          classifier_ckpt: Path | None) -> list:
+          classifier_ckpt: Path | None, group: str | None = None) -> list:
     from scripts.guidance_sweep import guidance_sweep
 
     overrides = [f"guidance={guidance}", f"scales=[{','.join(map(str, SWEEPS[guidance]))}]",
@@ -165,7 +174,7 @@ def sweep(ddpm_run: Path, guidance: str, out_dir: Path, num_samples: int, extra:
     if classifier_ckpt is not None:
         overrides.append(f"sampler.classifier_ckpt={classifier_ckpt}")
     return guidance_sweep(eval_config(ddpm_run / "checkpoints" / "last.ckpt", out_dir, overrides, extra,
-                                      config_name="guidance_sweep"))
+                                      config_name="guidance_sweep", group=group))
 
 
 def _single_threaded(fn, *args):
@@ -188,7 +197,7 @@ def run_parallel(tasks: list[tuple], jobs: int) -> list:
 def train_classifier(out: Path, extra: list[str]) -> subprocess.Popen:
     """The noise-aware classifier (one seed), trained by scripts/train.py in the background."""
     cmd = [sys.executable, "scripts/train.py", f"experiment={CLASSIFIER_PRESET}", f"hydra.run.dir={out}",
-           "callbacks.progress_bar=null", "num_threads=1", "task_name=main",
+           "callbacks.progress_bar=null", "num_threads=1", f"task_name={wandb_group(out.parent)}",
            *[o for o in extra if o.startswith(("paths.", "logger"))]]
     out.mkdir(parents=True, exist_ok=True)
     log = open(out.parent / "classifier.log", "a")
@@ -258,7 +267,7 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str
         for guidance_kind in SWEEPS:
             if guidance_kind == "classifier_free" or classifier_ckpt is not None:
                 tasks.append((sweep, cond0, guidance_kind, out / "sweeps" / guidance_kind, sweep_samples, extra,
-                              classifier_ckpt if guidance_kind == "classifier" else None))
+                              classifier_ckpt if guidance_kind == "classifier" else None, wandb_group(out)))
                 labels.append(f"sweep:{guidance_kind}")
     uncond0 = seed0_ddpm(next(iter(parts)))
     if uncond0 is not None and nfe_samples > 0:
@@ -270,7 +279,7 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str
                 seed = r.results["seed"]
                 tasks.append((classifier_guided, Path(r.source), classifier_ckpt,
                               out / "guided" / f"digits_cond_ddpm_classifier_seed{seed}", r.results["sampler"],
-                              r.results["num_samples"], extra, []))
+                              r.results["num_samples"], extra, [], wandb_group(out)))
                 labels.append(f"guided:{seed}")
     if tasks:
         stage(f"guidance and samplers, {jobs} at a time: " + ", ".join(labels), start)

@@ -22,6 +22,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metrics.callback import EvaluationCallback
+from metrics.report import run_filter_keys
 from metrics.results import RESULTS_FILE, write_json
 from models.checkpoints import CheckpointError, check_checkpoint  # noqa: F401  (re-exported)
 from models.compute import COMPUTE_FILE, ComputeTracker
@@ -190,6 +191,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             for logger in loggers:  # the W&B summary carries the results.json keys (make_table reads them)
                 if isinstance(logger, pl.loggers.WandbLogger):
                     logger.experiment.summary.update({k: v for k, v in summary.items() if k not in ("config", "traceback")})
+                    # the flat keys the dashboard's panels filter and group on (metrics/dashboard.py)
+                    logger.experiment.config.update(run_filter_keys(summary), allow_val_change=True)
         _finish_wandb()
     return summary["metrics"]
 

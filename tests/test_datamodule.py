@@ -159,7 +159,7 @@ def test_image_folder_with_class_subfolders(tmp_path):
 
 
 def test_missing_dataset_offline_says_where_to_put_files(tmp_path):
-    with pytest.raises(DatasetNotFoundError, match=r"Put the four idx files.*MNIST/raw"):
+    with pytest.raises(DatasetNotFoundError, match=r"copy the four idx files.*MNIST/raw"):
         load_split("mnist", tmp_path, "train", 28)
     with pytest.raises(DatasetNotFoundError, match="cifar-10-batches-py"):
         load_split("cifar10", tmp_path, "train", 32)

@@ -33,6 +33,19 @@ def test_inception_pool_matches_fid_helper_pipeline_and_is_deterministic(digit_b
     torch.testing.assert_close(inception_pool(digit_batch)["pool"], ours["pool"], rtol=0, atol=0)
 
 
+def test_inception_pool_features_do_not_depend_on_the_chunk_size(digit_batch, inception_pool):
+    """On the CPU the evaluator's batch goes through in chunks (metrics.extractors.CPU_CHUNK): the
+    features equal those of one whole-batch forward, up to float rounding."""
+    from metrics.extractors import CPU_CHUNK, chunked
+
+    batch = digit_batch.repeat(3, 1, 1, 1)[:CPU_CHUNK + 3]                    # more than one chunk
+    whole = inception_pool.features(batch)["pool"]
+    for chunk in (None, 2, 5):
+        out = chunked(inception_pool.features, batch, chunk)
+        assert out["logits"] is None
+        torch.testing.assert_close(out["pool"], whole, rtol=1e-4, atol=1e-4)
+
+
 def test_inception_pool_input_range_is_tf(inception_pool):
     x = torch.tensor([0, 128, 255], dtype=torch.uint8).reshape(1, 1, 1, 3).expand(1, 1, 299, 3)
     x = torch.nn.functional.pad(x, (0, 296)).contiguous()  # already 299 wide: no resize
