@@ -105,11 +105,24 @@ def _load_cached(path: Path) -> dict | None:
         return None
 
 
-def load_or_train_classifier(datamodule, cache_dir: str | Path, seed: int = 0, epochs: int = 50) -> ClassifierExtractor:
-    """The cached classifier of this dataset, trained first if absent (or its cache is corrupt)."""
+#: the classifier sees about this many training images (at most MAX_EPOCHS epochs): 50 epochs of
+#: the 1.4k digits, 2 of MNIST's 55k
+TRAINING_IMAGES, MAX_EPOCHS = 150_000, 50
+
+
+def default_epochs(num_train: int) -> int:
+    return max(1, min(MAX_EPOCHS, TRAINING_IMAGES // max(num_train, 1)))
+
+
+def load_or_train_classifier(datamodule, cache_dir: str | Path, seed: int = 0,
+                             epochs: int | None = None) -> ClassifierExtractor:
+    """The cached classifier of this dataset, trained first if absent (or its cache is corrupt);
+    ``epochs`` None: :func:`default_epochs` of its training split."""
     if datamodule.num_classes < 2:
         raise ValueError(f"dataset {datamodule.name!r} has no class labels (num_classes={datamodule.num_classes}); "
                          "the classifier extractor needs them: use evaluation.extractor=inception_pool")
+    if epochs is None:
+        epochs = default_epochs(len(datamodule.split("train")))
     key = cache_key(datamodule.name, datamodule.image_size, datamodule.channels, datamodule.num_classes, seed, epochs)
     path = Path(cache_dir) / "classifiers" / f"{datamodule.name}-{key}.pt"
     blob = _load_cached(path) if path.is_file() else None

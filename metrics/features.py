@@ -163,7 +163,7 @@ class FeatureMetrics:
 
 
 def build_extractor(name: str, datamodule=None, cache_dir: str = ".cache", weights_path: str | None = None,
-                    classifier_seed: int = 0, classifier_epochs: int = 50):
+                    classifier_seed: int = 0, classifier_epochs: int | None = None):
     if name == "inception_pool":
         from metrics.extractors import InceptionPoolExtractor
         return InceptionPoolExtractor(weights_path)

@@ -3,6 +3,7 @@ unconditional and class-conditional, one shared evaluation, guidance, then table
 
     python scripts/main_job.py                      # what `make main` runs (offline, CPU, 2 cores)
     python scripts/main_job.py --seeds 0 1 2 3 4 --out logs/main/mine
+    python scripts/main_job.py --dataset mnist      # `make main-mnist`: experiment=mnist_<family>, unconditional
 
 Steps:
   1. the classifier extractor is trained and the real-image statistics cached (once), while the
@@ -50,7 +51,16 @@ SWEEPS = {"classifier_free": [0.0, 0.5, 1.0, 2.0, 4.0], "classifier": [0.0, 1.0,
 SWEEP_SAMPLER = {"name": "ddim", "steps": 10, "eta": 1.0}
 SWEEP_REPEATS = 3
 SWEEP_SAMPLES = 256
-MAIN_OVERRIDES = ["evaluation.reference.num_images=300"]
+#: what the main job runs per dataset (--dataset): its parts, the overrides of every run, the config
+#: its caches are built with, and whether the guidance stage and the FID-vs-NFE curve follow
+DATASETS = {
+    # 300 real images as the reference of every extractor: the Inception pass is slow on a CPU
+    "digits": {"parts": PARTS, "overrides": ["evaluation.reference.num_images=300"], "caches": [],
+               "guidance": True, "nfe": True},
+    # the 28x28 benchmark: unconditional, N = 2000 against the 10k test set (conf/evaluation/mnist.yaml)
+    "mnist": {"parts": {"unconditional": "mnist_{}"}, "overrides": [], "caches": ["datamodule=mnist", "evaluation=mnist"],
+              "guidance": False, "nfe": False},
+}
 NFE_SAMPLERS = [(f"DDIM-{steps}" + (" eta=1" if eta else ""), {"name": "ddim", "steps": steps, "eta": eta})
                 for eta in (0.0, 1.0) for steps in (10, 20, 50)]
 #: ancestral sampling at the DDIM points' largest NFE (1000 steps would cost as much as the rest together)
@@ -95,7 +105,7 @@ def prepare_caches(extractors: list[str], overrides: list[str]) -> None:
     from metrics.features import build_feature_metrics
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[o for o in overrides if o.startswith(("paths.", "datamodule", "evaluation."))])
+        cfg = compose(config_name="train", overrides=[o for o in overrides if o.startswith(("paths.", "datamodule", "evaluation"))])
     datamodule = hydra.utils.instantiate(cfg.datamodule)
     for name in extractors:
         build_feature_metrics(name, datamodule, cfg.paths.cache_dir, cfg.evaluation.reference.split,
@@ -227,20 +237,24 @@ def write_part(name: str, records: list, out: Path, seeds: list[int]) -> dict:
 
 def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str, str] | None = None,
                  extra: list[str] = (), nfe_samples: int = 128, jobs: int = 2, guidance: bool = True,
-                 sweep_samples: int = SWEEP_SAMPLES) -> dict:
+                 sweep_samples: int = SWEEP_SAMPLES, dataset: str = "digits") -> dict:
     """``parts``: {part name: experiment per family ("{}" = family), or one shared experiment swept
-    over model=... (e.g. "smoke")}. ``guidance``: classifier guidance and the sweeps (step 3)."""
-    parts = dict(PARTS if parts is None else parts)
+    over model=... (e.g. "smoke")}; default: the dataset's (DATASETS). ``guidance``: classifier
+    guidance and the sweeps (step 3), where the dataset has them."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown main-job dataset {dataset!r}; choose one of {sorted(DATASETS)}")
+    profile = DATASETS[dataset]
+    parts = dict(profile["parts"] if parts is None else parts)
+    nfe_samples = nfe_samples if profile["nfe"] else 0
     out.mkdir(parents=True, exist_ok=True)
     log = out / "main_job.log"
     start = time.perf_counter()
-    # 300 real images as the reference of every extractor: the Inception pass is slow on a CPU
-    extra = [*MAIN_OVERRIDES, *extra]
-    conditional = "conditional" in parts and guidance
+    extra = [*profile["overrides"], *extra]
+    conditional = "conditional" in parts and guidance and profile["guidance"]
     stage("caches: the classifier extractor and the real-image statistics (once per cache dir)"
           + (", the noise-aware classifier beside them" if conditional else ""), start)
     classifier_job = train_classifier(out / "classifier", extra) if conditional else None
-    prepare_caches(["classifier", "inception_pool"], extra)
+    prepare_caches(["classifier", "inception_pool"], [*profile["caches"], *extra])
     experiments = [p.format(f) for p in parts.values() if "{}" in p for f in families]
     shared = [p for p in parts.values() if "{}" not in p]
     sweep_args = [f"experiment={','.join(experiments)}"] if experiments else \
@@ -311,6 +325,9 @@ def _part_of(record, preset: str, families) -> bool:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="digits",
+                   help="digits: both parts with guidance (make main); mnist: the 28x28 benchmark, unconditional, "
+                        "N = 2000 Inception samples per run (make main-mnist)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--families", nargs="+", default=list(FAMILIES))
     p.add_argument("--out", type=Path, default=None)
@@ -324,10 +341,11 @@ def main(argv=None) -> None:
                         '(digits_matched_{} and digits_cond_{}) with guidance')
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. trainer.max_steps=100")
     args = p.parse_args(argv)
-    out = args.out or ROOT / "logs" / "main" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    out = args.out or ROOT / "logs" / ("main" if args.dataset == "digits" else f"main_{args.dataset}") \
+        / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     parts = None if args.preset is None else {"unconditional": args.preset}
     result = run_main_job(out, args.seeds, args.families, parts, args.overrides, args.nfe_samples, args.jobs,
-                          sweep_samples=args.sweep_samples)
+                          sweep_samples=args.sweep_samples, dataset=args.dataset)
     for name, table in result["tables"].items():
         print(f"\n{name}:\n" + to_markdown(table))
     print(f"main job finished in {result['wall_seconds'] / 60:.1f} min")

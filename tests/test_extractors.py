@@ -109,3 +109,11 @@ def test_is_from_an_extractor_without_logits_is_not_available(inception_pool):
         FeatureMetrics(inception_pool, ref, ["fid", "is"])
     auto = FeatureMetrics(inception_pool, ref, "auto")
     assert auto.inception_score is None and auto.fid is not None
+
+
+def test_classifier_epochs_follow_the_training_set_size():
+    from metrics.classifier import MAX_EPOCHS, default_epochs
+
+    assert default_epochs(1397) == MAX_EPOCHS == 50   # the digits' training split: the cache key unchanged
+    assert default_epochs(55_000) == 2                # MNIST: about 150k images seen
+    assert default_epochs(10_000_000) == 1

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import compose_train
+from conftest import ROOT, compose_train
 from metrics.plots import final_grid, plot_fid_vs_nfe, plot_fid_vs_step, plot_precision_recall, plot_sample_grids
 from metrics.report import collect_local
 
@@ -130,3 +130,24 @@ def test_guidance_sweep_refuses_bad_scales(scales, match):
     from scripts.guidance_sweep import check_scales
     with pytest.raises(ValueError, match=match):
         check_scales(OmegaConf.to_container(OmegaConf.create(f"v: {scales}"))["v"])
+
+
+def test_mnist_main_job_composes_every_run_and_its_caches(tmp_path):
+    """--dataset mnist: the four mnist_<family> presets (one sweep), the MNIST caches and no guidance
+    stage; every job's config composes (a full run is the README's measured make main-mnist)."""
+    from hydra import compose, initialize_config_dir
+
+    from scripts.main_job import DATASETS, FAMILIES
+
+    profile = DATASETS["mnist"]
+    assert profile["parts"] == {"unconditional": "mnist_{}"} and not profile["guidance"]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for family in FAMILIES:
+            cfg = compose(config_name="train", overrides=[f"experiment=mnist_{family}", *profile["overrides"]])
+            assert cfg.datamodule.name == "mnist" and cfg.datamodule.image_size == 32
+            assert cfg.evaluation.final_extractors == ["inception_pool"] and cfg.evaluation.num_samples >= 2000
+            assert cfg.evaluation.reference.split == "test" and cfg.evaluation.reference.num_images is None
+            cond = compose(config_name="train", overrides=[f"experiment=mnist_cond_{family}"])
+            assert cond.model.num_classes == 10
+        caches = compose(config_name="train", overrides=profile["caches"])
+        assert caches.datamodule.name == "mnist" and caches.evaluation.reference.split == "test"
