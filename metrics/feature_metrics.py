@@ -26,6 +26,12 @@ def mean_cov(features: Tensor) -> tuple[Tensor, Tensor]:
     return mu, xc.T @ xc / (x.shape[0] - 1)
 
 
+def mean_and_covariance(sum_x: Tensor, sum_xx: Tensor, n) -> tuple[Tensor, Tensor]:
+    """float64 mean and unbiased covariance from running sums (sum x, sum x x^T) of n vectors."""
+    mu = sum_x / n
+    return mu, (sum_xx - n * torch.outer(mu, mu)) / (n - 1)
+
+
 def frechet_distance(mu1: Tensor, sigma1: Tensor, mu2: Tensor, sigma2: Tensor) -> Tensor:
     """FID (Heusel et al. 2017): ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}).
 
@@ -265,9 +271,7 @@ class FrechetDistance(Metric):
     def compute(self) -> Tensor:
         if self.n < 2:
             raise ValueError("FID needs at least 2 generated samples")
-        mu = self.sum / self.n
-        sigma = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
-        return frechet_distance(mu, sigma, self.ref_mu, self.ref_sigma)
+        return frechet_distance(*mean_and_covariance(self.sum, self.outer, self.n), self.ref_mu, self.ref_sigma)
 
 
 class InceptionScore(GeneratedFeatures):

@@ -14,7 +14,7 @@ from metrics.reference import ReferenceStats, load_or_compute_reference
 
 log = logging.getLogger(__name__)
 
-ALL_METRICS = ("fid", "is", "kid", "prdc")
+ALL_METRICS = ("fid", "sfid", "is", "kid", "prdc")
 EXTRACTORS = ("inception", "inception_pool", "classifier")
 #: FID_inf / IS_inf fit sub-samples of FID_INF_MIN_FRACTION * N .. N generated samples
 FID_INF_MIN_FRACTION = 0.5
@@ -46,8 +46,10 @@ class FeatureMetrics:
     def __init__(self, extractor, reference: ReferenceStats, metrics: Sequence[str] | str = "auto",
                  pr_k: int = 3, dc_k: int = 5, kid_subsets: int = 100, kid_subset_size: int = 1000, is_splits: int = 10,
                  seed: int = 0, chunk: int = 1024, intra_fid: bool = False):
+        has_spatial = getattr(extractor, "has_spatial", False)
         if metrics == "auto":
-            metrics = [m for m in ALL_METRICS if m != "is" or extractor.has_logits]
+            metrics = [m for m in ALL_METRICS if (m != "is" or extractor.has_logits)
+                       and (m != "sfid" or (has_spatial and reference.spatial_mu is not None))]
         unknown = [m for m in metrics if m not in ALL_METRICS]
         if unknown:
             raise ValueError(f"unknown evaluation metrics {unknown}; choose from {list(ALL_METRICS)}")
@@ -55,10 +57,20 @@ class FeatureMetrics:
             raise MetricNotAvailableError(
                 f"Inception Score is not available from extractor '{extractor.name}' (it has no logits); use "
                 "evaluation.extractor=inception or classifier, or drop 'is' from evaluation.metrics")
+        if "sfid" in metrics and not has_spatial:
+            raise MetricNotAvailableError(
+                f"sFID is not available from extractor '{extractor.name}' (no spatial features); use "
+                "evaluation.extractor=inception_pool (mixed_6/conv), or drop 'sfid' from evaluation.metrics")
+        if "sfid" in metrics and reference.spatial_mu is None:
+            raise MetricNotAvailableError(
+                f"sFID was asked for but the reference {reference.spec.get('dataset')!r} has no spatial statistics "
+                "(a precomputed statistics file without mu_s/sigma_s): give a reference with images or with "
+                "mu_s/sigma_s, or drop 'sfid' from evaluation.metrics")
         self.extractor, self.reference, self.names = extractor, reference, list(metrics)
         self.extractor_name = extractor.name
         self.pr_k, self.dc_k = pr_k, dc_k
         self.fid = FrechetDistance(reference.mu, reference.sigma) if "fid" in metrics else None
+        self.sfid = FrechetDistance(reference.spatial_mu, reference.spatial_sigma) if "sfid" in metrics else None
         self.inception_score = InceptionScore(is_splits) if "is" in metrics else None
         self.kid = KernelInceptionDistance(reference.features, kid_subsets, kid_subset_size, seed) if "kid" in metrics else None
         self.prdc = PrecisionRecall(reference.features, pr_k, dc_k, chunk) if "prdc" in metrics else None
@@ -73,8 +85,8 @@ class FeatureMetrics:
 
     @property
     def _metrics(self):
-        return [m for m in (self.fid, self.inception_score, self.kid, self.prdc, self.pool_store, self.class_accuracy,
-                            self.label_store) if m is not None]
+        return [m for m in (self.fid, self.sfid, self.inception_score, self.kid, self.prdc, self.pool_store,
+                            self.class_accuracy, self.label_store) if m is not None]
 
     def generated_pool(self) -> Tensor:
         """The generated pool features of all processes in sample order, from whichever metric keeps them."""
@@ -98,7 +110,7 @@ class FeatureMetrics:
 
     def update_features(self, out: dict[str, Tensor | None], indices: Sequence[int],
                         labels: Tensor | None = None) -> None:
-        """Feed already extracted {"pool", "logits"} features of generated images to every metric."""
+        """Feed already extracted {"pool", "logits"[, "spatial"]} features of generated images to every metric."""
         pool, logits = out["pool"], out["logits"]
         idx = torch.as_tensor(list(indices), device=pool.device)
         if labels is not None:
@@ -108,6 +120,8 @@ class FeatureMetrics:
                 self.class_accuracy.update(logits, labels)
         if self.fid is not None:
             self.fid.update(pool)
+        if self.sfid is not None:
+            self.sfid.update(out["spatial"])
         if self.inception_score is not None:
             self.inception_score.update(logits, idx)
         if self.kid is not None:
@@ -138,6 +152,11 @@ class FeatureMetrics:
             else:
                 details["fid_inf"] = (f"not computed: every sub-sample ({FID_INF_MIN_FRACTION:g} N to N) must exceed "
                                       f"the feature dimension {self.extractor.feature_dim}; N = {num_samples}")
+        if self.sfid is not None:
+            values["sfid"] = float(self.sfid.compute())
+            details["sfid"] = "Frechet distance of mixed_6/conv[:7] (7 x 17 x 17, NHWC) features (Nash et al. 2021; ADM evaluator)"
+        elif not getattr(self.extractor, "has_spatial", False):
+            details["sfid"] = f"not available: extractor '{self.extractor_name}' has no spatial features"
         if self.inception_score is not None:
             values["is"], values["is_std"] = self.inception_score.compute()
             fit = is_infinity(synced_features(self.inception_score), min_fraction=FID_INF_MIN_FRACTION,

@@ -72,15 +72,23 @@ def plot_fid_vs_step(records: Sequence[RunRecord], out_stem: Path, metric: str =
 
 
 def plot_fid_vs_nfe(points: Sequence[dict], out_stem: Path) -> list[Path]:
-    """points: {"label": "DDIM-50", "nfe": 50, "fid": ...}; the DDIM paper's Table 1 shape."""
+    """points: {"label": "DDIM-50", "nfe": 50, "fid": ..., "curve": "DDIM (eta=0)"}; the DDIM paper's
+    Table 1 shape: one line per curve (sampler), a star for a curve of one point (ancestral). Without
+    ``curve``, DDIM points are grouped by eta."""
+    def curve(p: dict) -> str:
+        if p.get("curve"):
+            return p["curve"]
+        return f"DDIM (eta={p.get('eta', 0.0):g})" if p["label"].startswith("DDIM") else p["label"]
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for eta in sorted({p.get("eta", 0.0) for p in points if p["label"].startswith("DDIM")}):
-        ddim = sorted((p for p in points if p["label"].startswith("DDIM") and p.get("eta", 0.0) == eta),
-                      key=lambda p: p["nfe"])
-        ax.plot([p["nfe"] for p in ddim], [p["fid"] for p in ddim], marker="o", label=f"DDIM (eta={eta:g})")
-    for p in points:
-        if not p["label"].startswith("DDIM"):
-            ax.scatter([p["nfe"]], [p["fid"]], marker="*", s=120, color="C3", label=p["label"], zorder=3)
+    names = list(dict.fromkeys(curve(p) for p in points))
+    for i, name in enumerate(names):
+        line = sorted((p for p in points if curve(p) == name), key=lambda p: p["nfe"])
+        if len(line) > 1:
+            ax.plot([p["nfe"] for p in line], [p["fid"] for p in line], marker="o", color=f"C{i}", label=name)
+        else:
+            ax.scatter([line[0]["nfe"]], [line[0]["fid"]], marker="*", s=120, color=f"C{i}", label=line[0]["label"],
+                       zorder=3)
     for p in points:
         ax.annotate(str(int(p["nfe"])), (p["nfe"], p["fid"]), textcoords="offset points", xytext=(3, 4), fontsize=7)
     ax.set_xscale("log")

@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from metrics.distributed import is_distributed, rank_and_world
+from metrics.feature_metrics import mean_and_covariance
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ class ReferenceStats:
     features: Tensor     # (N, D) float32
     spec: dict
     labels: Tensor | None = None   # (N,) long: the class of each image (per-class statistics, intra-FID)
+    spatial_mu: Tensor | None = None      # (D_s,) float64: sFID's statistics, for extractors with spatial features
+    spatial_sigma: Tensor | None = None   # (D_s, D_s) float64
 
     @property
     def num_images(self) -> int:
@@ -65,9 +68,11 @@ def _save(path: Path, stats: ReferenceStats) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            labels = {} if stats.labels is None else {"labels": stats.labels.numpy()}
+            extra = {} if stats.labels is None else {"labels": stats.labels.numpy()}
+            if stats.spatial_mu is not None:
+                extra.update(spatial_mu=stats.spatial_mu.numpy(), spatial_sigma=stats.spatial_sigma.numpy())
             np.savez(f, mu=stats.mu.numpy(), sigma=stats.sigma.numpy(), features=stats.features.numpy(),
-                     spec=np.array(json.dumps(stats.spec, sort_keys=True)), **labels)
+                     spec=np.array(json.dumps(stats.spec, sort_keys=True)), **extra)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -82,6 +87,7 @@ def _load(path: Path, spec: dict) -> ReferenceStats:
             stored = json.loads(str(data["spec"]))
             mu, sigma, feats = (torch.from_numpy(data[k].copy()) for k in ("mu", "sigma", "features"))
             labels = torch.from_numpy(data["labels"].copy()).long() if "labels" in data.files else None
+            spatial = [torch.from_numpy(data[k].copy()) for k in ("spatial_mu", "spatial_sigma") if k in data.files]
     except Exception as err:
         raise ValueError(f"unreadable ({type(err).__name__}: {err})") from err
     if stored != json.loads(json.dumps(spec, sort_keys=True)):
@@ -92,27 +98,37 @@ def _load(path: Path, spec: dict) -> ReferenceStats:
                          f"features {tuple(feats.shape)})")
     if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all() and torch.isfinite(feats).all()):
         raise ValueError("it holds non-finite values")
+    if spatial and (len(spatial) != 2 or spatial[1].shape != (spatial[0].shape[0],) * 2
+                    or not all(torch.isfinite(a).all() for a in spatial)):
+        raise ValueError("its spatial statistics are malformed")
     if labels is not None and labels.shape != (feats.shape[0],):
         raise ValueError(f"labels {tuple(labels.shape)} do not match the {feats.shape[0]} features")
-    return ReferenceStats(mu.double(), sigma.double(), feats.float(), stored, labels)
+    return ReferenceStats(mu.double(), sigma.double(), feats.float(), stored, labels,
+                          *(a.double() for a in spatial) if spatial else (None, None))
 
 
 @torch.no_grad()
 def extract_dataset_features(extractor, dataset: Dataset, num_images: int, batch_size: int,
-                             device: torch.device) -> tuple[Tensor, Tensor]:
+                             device: torch.device) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor] | None]:
     """Features of the first ``num_images`` items of ``dataset`` (one pass), (N, D) float32 on CPU,
-    and their labels (N,)."""
+    their labels (N,), and for extractors with spatial features their (mean, covariance) in float64
+    (running sums: the spatial features themselves are not kept)."""
     from metrics.evaluation import quantize
 
-    out, labels = [], []
+    out, labels, sums = [], [], None
     extractor.to(device)
     for start in range(0, num_images, batch_size):
         items = [dataset[i] for i in range(start, min(start + batch_size, num_images))]
         batch = torch.stack([item[0] for item in items])
-        out.append(extractor(quantize(batch).to(device))["pool"].float().cpu())
+        result = extractor(quantize(batch).to(device))
+        out.append(result["pool"].float().cpu())
+        if result.get("spatial") is not None:
+            x = result["spatial"].double().cpu()
+            sums = (x.sum(0), x.T @ x) if sums is None else (sums[0] + x.sum(0), sums[1] + x.T @ x)
         labels.extend(int(item[1]) for item in items)
         REAL_IMAGE_PASSES["count"] += batch.shape[0]
-    return torch.cat(out), torch.tensor(labels, dtype=torch.long)
+    spatial = mean_and_covariance(*sums, num_images) if sums is not None else None
+    return torch.cat(out), torch.tensor(labels, dtype=torch.long), spatial
 
 
 def load_or_compute_reference(extractor, dataset: Dataset, dataset_name: str, split: str, num_images: int | None,
@@ -135,10 +151,10 @@ def load_or_compute_reference(extractor, dataset: Dataset, dataset_name: str, sp
                 log.warning("reference cache %s is invalid (%s); rebuilding it", path, err)
         if stats is None:
             log.info("computing reference features: %d %s/%s images with %s", n, dataset_name, split, spec["extractor"]["extractor"])
-            feats, labels = extract_dataset_features(extractor, dataset, n, batch_size, torch.device(device))
+            feats, labels, spatial = extract_dataset_features(extractor, dataset, n, batch_size, torch.device(device))
             mu = feats.double().mean(0)
             xc = feats.double() - mu
-            stats = ReferenceStats(mu, xc.T @ xc / (n - 1), feats, spec, labels)
+            stats = ReferenceStats(mu, xc.T @ xc / (n - 1), feats, spec, labels, *(spatial or (None, None)))
             _save(path, stats)
             computed = True
     if is_distributed():

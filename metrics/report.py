@@ -19,7 +19,8 @@ from metrics.intervals import CONFIDENCE, mean_std, t_half_width
 from metrics.results import BPD_KINDS, RESULTS_FILE
 
 # (key in results["metrics"], column title, higher is better)
-FEATURE_COLUMNS = [("fid", "FID", False), ("fid_inf", "FID∞", False), ("is", "IS", True), ("kid", "KID", False),
+FEATURE_COLUMNS = [("fid", "FID", False), ("fid_inf", "FID∞", False), ("sfid", "sFID", False), ("is", "IS", True),
+                   ("kid", "KID", False),
                    ("precision", "Prec.", True), ("recall", "Rec.", True),
                    ("density", "Dens.", True), ("coverage", "Cov.", True), ("class_acc", "class acc.", True),
                    ("intra_fid", "intra-FID", False)]
@@ -287,7 +288,7 @@ def build_table(records: Sequence[RunRecord], group_by: Sequence[str] = ("model"
 
 def _digits(key: str) -> int | str:
     base = key.split("/")[-1]
-    return {"fid": 2, "fid_inf": 2, "is": 2, "kid": 3, "bpd": 3, "nfe": 0, "classifier_nfe": 0, "sec_per_sample": ".1e",
+    return {"fid": 2, "fid_inf": 2, "sfid": 2, "is": 2, "kid": 3, "bpd": 3, "nfe": 0, "classifier_nfe": 0, "sec_per_sample": ".1e",
             "num_params": 0, "train_steps": 0}.get(base, 3)
 
 

@@ -15,7 +15,7 @@ from models.components.ema import EMA
 from models.diffusion.gaussian_diffusion import GaussianDiffusion
 from models.optim import build_optimizer
 
-SAMPLERS = ("ancestral", "ddim")
+SAMPLERS = ("ancestral", "ddim", "dpm_solver_pp")
 #: the sampler settings a DDPM understands (evaluation.sampler / sampler.* overrides)
 SAMPLER_DEFAULTS = {"name": "ancestral", "steps": None, "eta": 1.0,
                     "guidance_scale": 0.0, "classifier_ckpt": None, "classifier_scale": 0.0}
@@ -41,7 +41,7 @@ class DDPM(GenerativeModule):
         warmup_steps: linear learning-rate warm-up (Ho et al.: 5000).
         ema_decay, ema_warmup, ema_foreach: EMA of the network weights (components/ema.py); the EMA
             network samples and scores.
-        sampler: default sampler, {name: ancestral|ddim, steps: int|null (null = all T), eta: float,
+        sampler: default sampler, {name: ancestral|ddim|dpm_solver_pp, steps: int|null (null = all T), eta: float,
             guidance_scale: w of classifier-free guidance, classifier_ckpt: a noise-aware classifier's
             checkpoint and classifier_scale: s of classifier guidance}.
         sample_batch_size: images per network call when sampling / computing the bound.
@@ -187,15 +187,21 @@ class DDPM(GenerativeModule):
             return (1.0 + guidance_scale) * cond - guidance_scale * uncond
         return eps
 
+    def sampling_process(self, name: str = "ancestral", steps: int | None = None, **_):
+        """The (respaced) diffusion process a sampler steps through: DPM-Solver++ on logSNR-uniform
+        timesteps (Lu et al. 2022's choice for pixel models), the others evenly spaced in t."""
+        return self.diffusion.respace(int(steps or self.diffusion.num_timesteps),
+                                      "logsnr" if name == "dpm_solver_pp" else "uniform")
+
     @torch.no_grad()
     def sample(self, n: int, generator: Noise = None, labels: Tensor | None = None, **sampler_kw) -> Tensor:
-        """Samples from the EMA network. sampler_kw: name (ancestral|ddim), steps, eta (ddim only),
+        """Samples from the EMA network. sampler_kw: name (ancestral|ddim|dpm_solver_pp), steps, eta (ddim only),
         guidance_scale (classifier-free), classifier_ckpt + classifier_scale (classifier guidance)."""
         kw = self.sampler_kwargs(**sampler_kw)
         self._check_sampler(**kw)
         classifier = self.guidance_classifier(**kw)
         labels = self.check_labels(labels, n, self.label_classes(**kw))
-        process = self.diffusion.respace(int(kw["steps"] or self.diffusion.num_timesteps))
+        process = self.sampling_process(**kw)
         w, s = scale_value("guidance_scale", kw["guidance_scale"]), scale_value("classifier_scale", kw["classifier_scale"])
 
         def draw(m: int, noise: Noise, y: Tensor | None) -> Tensor:
@@ -204,6 +210,8 @@ class DDPM(GenerativeModule):
             if kw["name"] == "ddim":
                 x = process.ddim_sample(model, m, self.image_shape, self.device, noise, eta=float(kw["eta"]),
                                         guidance=guidance)
+            elif kw["name"] == "dpm_solver_pp":
+                x = process.dpm_solver_pp_sample(model, m, self.image_shape, self.device, noise, guidance=guidance)
             else:
                 x = process.ancestral_sample(model, m, self.image_shape, self.device, noise, guidance=guidance)
             return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
@@ -222,7 +230,7 @@ class DDPM(GenerativeModule):
         """Network passes per sample: ``nfe`` of the diffusion network (two per step under classifier-free
         guidance), ``classifier_nfe`` of the guiding classifier (one forward and backward per step)."""
         kw = self.sampler_kwargs(**sampler_kw)
-        steps = len(self.diffusion.respace(int(kw["steps"] or self.diffusion.num_timesteps)).betas)
+        steps = len(self.sampling_process(**kw).betas)
         cfg = scale_value("guidance_scale", kw["guidance_scale"]) > 0 and self.num_classes is not None
         cost = {"nfe": float(steps * (2 if cfg else 1))}
         if kw["classifier_ckpt"] and scale_value("classifier_scale", kw["classifier_scale"]) > 0:

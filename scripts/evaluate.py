@@ -26,6 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from metrics.evaluation import Evaluator, save_png
+from metrics.feature_metrics import mean_cov
 from metrics.features import FeatureMetrics, build_extractor, build_feature_metrics
 from metrics.image_sets import load_image_set
 from metrics.reference import ReferenceStats, load_or_compute_reference, reference_spec
@@ -109,13 +110,14 @@ def _spawn_entry(rank, world, port, cfg, shared):
 # ----------------------------------------------------------------------------- (b) sample sets
 
 def features_of(extractor, images: torch.Tensor, batch_size: int, device) -> dict[str, torch.Tensor | None]:
-    pools, logits = [], []
+    """Every output of ``extractor`` on ``images`` (pool, logits, spatial where it has them), on the CPU."""
+    parts: dict[str, list] = {}
     for start in range(0, images.shape[0], batch_size):
-        out = extractor(images[start:start + batch_size].to(device))
-        pools.append(out["pool"].cpu())
-        if out["logits"] is not None:
-            logits.append(out["logits"].cpu())
-    return {"pool": torch.cat(pools), "logits": torch.cat(logits) if logits else None}
+        for key, value in extractor(images[start:start + batch_size].to(device)).items():
+            if value is not None:
+                parts.setdefault(key, []).append(value.cpu())
+    return {"pool": torch.cat(parts["pool"]), **{k: torch.cat(parts[k]) if k in parts else None
+                                                 for k in ("logits", "spatial")}}
 
 
 def evaluate_sample_sets(cfg: DictConfig) -> dict[str, Any]:
@@ -145,11 +147,11 @@ def evaluate_sample_sets(cfg: DictConfig) -> dict[str, Any]:
     else:
         ref_images = load_image_set(ref_source)
         ref_channels = ref_images.shape[1]
-        feats = features_of(extractor, ref_images, ev.batch_size, device)["pool"]
-        mu = feats.double().mean(0)
-        xc = feats.double() - mu
+        ref_out = features_of(extractor, ref_images, ev.batch_size, device)
+        feats = ref_out["pool"]
         spec = reference_spec(str(ref_source), "file", feats.shape[0], list(ref_images.shape[1:]), extractor.cache_key())
-        reference = ReferenceStats(mu, xc.T @ xc / (feats.shape[0] - 1), feats, spec)
+        spatial = mean_cov(ref_out["spatial"]) if ref_out["spatial"] is not None else (None, None)
+        reference = ReferenceStats(*mean_cov(feats), feats, spec, None, *spatial)
     if ref_channels != samples.shape[1]:
         raise ValueError(f"samples have {samples.shape[1]} channel(s), the reference {ref_channels}; "
                          "compare like with like")

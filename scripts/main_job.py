@@ -63,6 +63,7 @@ DATASETS = {
 }
 NFE_SAMPLERS = [(f"DDIM-{steps}" + (" eta=1" if eta else ""), {"name": "ddim", "steps": steps, "eta": eta})
                 for eta in (0.0, 1.0) for steps in (10, 20, 50)]
+NFE_SAMPLERS += [(f"DPM-Solver++-{steps}", {"name": "dpm_solver_pp", "steps": steps, "eta": 0.0}) for steps in (10, 20, 50)]
 #: ancestral sampling at the DDIM points' largest NFE (1000 steps would cost as much as the rest together)
 NFE_SAMPLERS.append(("ancestral-50", {"name": "ancestral", "steps": 50, "eta": 1.0}))
 
@@ -135,10 +136,17 @@ def sampler_overrides(sampler: dict) -> list[str]:
     return [f"sampler.{k}={'null' if v is None else v}" for k, v in sampler.items()]
 
 
+def curve_name(sampler: dict) -> str:
+    """The line of the FID-vs-NFE plot a sampler belongs to."""
+    if sampler["name"] == "ddim":
+        return f"DDIM (eta={sampler.get('eta', 0.0):g})"
+    return {"dpm_solver_pp": "DPM-Solver++(2M)"}.get(sampler["name"], sampler["name"])
+
+
 def fid_vs_nfe(ddpm_run: Path, out: Path, num_samples: int, extra: list[str],
                samplers: list[tuple[str, dict]] = NFE_SAMPLERS) -> list[dict]:
-    """The DDIM paper's Table 1 shape on one checkpoint: DDIM at several step counts and
-    ancestral sampling, evaluated with scripts/evaluate.py's evaluate()."""
+    """The DDIM paper's Table 1 shape on one checkpoint: DDIM, DPM-Solver++(2M) at several step
+    counts and ancestral sampling, evaluated with scripts/evaluate.py's evaluate()."""
     from scripts.evaluate import evaluate
 
     points = []
@@ -148,6 +156,7 @@ def fid_vs_nfe(ddpm_run: Path, out: Path, num_samples: int, extra: list[str],
                            "evaluation.grid_size=0", *sampler_overrides(sampler)], extra)
         r = evaluate(cfg)
         points.append({"label": label, "nfe": r["metrics"]["nfe"], "fid": r["metrics"]["fid"], "eta": sampler["eta"],
+                       "curve": curve_name(sampler),
                        "extractor": r["feature_extractor"], "num_samples": num_samples,
                        "sec_per_sample": r["metrics"]["sec_per_sample"]})
         print(f"  {label}: NFE {points[-1]['nfe']:.0f}, FID {points[-1]['fid']:.2f} [{points[-1]['extractor']}]", flush=True)

@@ -138,6 +138,31 @@ def test_classifier_free_guidance_combines_both_halves_of_one_forward_pass():
     assert model.sampling_cost(name="ddim", steps=5, guidance_scale=0.0)["nfe"] == 5
 
 
+def test_dpm_solver_pp_samples_with_both_kinds_of_guidance():
+    """sampler.name=dpm_solver_pp: classifier-free guidance in one batched call per step (NFE counts both
+    halves); classifier guidance on the x_0 of the guided eps, so that two steps (first order, then the
+    final x_0) are exactly guided DDIM at eta 0 (Algorithm 2), whose guided eps the test above checks."""
+    model = cfg_ddpm()
+    y, w = torch.tensor([0, 1, 2]), 1.5
+    calls = model.ema.shadow.calls
+    model.sample(3, labels=y, name="dpm_solver_pp", steps=5, guidance_scale=w)
+    assert len(calls) == 5 and all(c.shape == (6,) for c in calls)
+    assert model.sampling_cost(name="dpm_solver_pp", steps=5, guidance_scale=w)["nfe"] == 10
+    diffusion = GaussianDiffusion(100)
+    classifier, means = gaussian_guide(diffusion)
+    process = diffusion.respace(2, "logsnr")
+    assert process.timestep_map.tolist() == [0, 99]
+    y, s = torch.tensor([2, 0]), 4.0
+    net = lambda x, t: 0.1 * x
+    dpm = process.dpm_solver_pp_sample(net, 2, (1, 2, 2), torch.device("cpu"), SampleNoise([5, 6]),
+                                       guidance=classifier.guidance_gradient(y, s))
+    ddim = process.ddim_sample(net, 2, (1, 2, 2), torch.device("cpu"), SampleNoise([5, 6]), eta=0.0,
+                               guidance=classifier.guidance_gradient(y, s))
+    unguided = process.dpm_solver_pp_sample(net, 2, (1, 2, 2), torch.device("cpu"), SampleNoise([5, 6]))
+    torch.testing.assert_close(dpm, ddim, rtol=1e-5, atol=1e-6)
+    assert (dpm - unguided).abs().max() > 1e-2
+
+
 def test_label_dropout_replaces_labels_by_the_null_class_at_its_rate():
     model = cfg_ddpm()
     torch.manual_seed(0)

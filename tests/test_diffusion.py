@@ -186,3 +186,56 @@ def test_schedule_moves_with_its_owner_and_is_not_saved():
     assert owner.state_dict() == {}                       # rebuilt from the config, never saved
     moved = owner.to(torch.float64)                       # .to() reaches the buffers
     assert moved.diffusion.betas.dtype == torch.float64 and d.respace(10).betas.device == d.betas.device
+
+
+def _exact_ode_endpoint(d: GaussianDiffusion, oracle, x_T: torch.Tensor) -> torch.Tensor:
+    """For Gaussian data N(mu, s^2) the probability-flow ODE is affine: x_t = alpha_t mu +
+    sqrt(alpha_t^2 s^2 + sigma_t^2) z with z fixed by x_T; the samplers end with the exact posterior
+    mean E[x_0 | x_{t_0}] at the first timestep."""
+    abar = d.alphas_cumprod.double()
+    spread = lambda i: (abar[i] * oracle.s ** 2 + 1 - abar[i]).sqrt()  # noqa: E731
+    z = (x_T.double() - abar[-1].sqrt() * oracle.mu) / spread(-1)
+    x_0 = abar[0].sqrt() * oracle.mu + spread(0) * z
+    return oracle.mu + abar[0].sqrt() * oracle.s ** 2 / spread(0) ** 2 * (x_0 - abar[0].sqrt() * oracle.mu)
+
+
+def test_dpm_solver_pp_is_second_order_and_beats_ddim_at_equal_nfe():
+    """DPM-Solver++(2M) on logSNR-uniform steps (what sampler.name=dpm_solver_pp runs) against the
+    exact ODE solution of Gaussian data: more accurate than DDIM (eta 0, its time-uniform steps) at
+    the same network evaluations, and its error falls about 4x per doubling of the steps (order 2)
+    where DDIM's falls about 2x (order 1); with 2 steps it is DDIM (first order, then the final x_0)."""
+    d = GaussianDiffusion(1000, clip_denoised=False)
+    oracle = GaussianDataOracle(d)
+    seed = lambda: torch.Generator().manual_seed(0)  # noqa: E731  (the samplers' x_T: their only draw)
+    x_T = torch.randn((256, 1, 1, 1), generator=seed())
+    target = _exact_ode_endpoint(d, oracle, x_T)
+
+    def error(sampler: str, steps: int, spacing: str) -> float:
+        process = d.respace(steps, spacing)
+        assert len(process.betas) == steps
+        kwargs = {"eta": 0.0} if sampler == "ddim" else {}
+        x = getattr(process, f"{sampler}_sample")(oracle, 256, (1, 1, 1), torch.device("cpu"), noise=seed(), **kwargs)
+        return float((x.double() - target).abs().max())
+
+    ddim = {k: error("ddim", k, "uniform") for k in (10, 20, 30, 60)}
+    dpm = {k: error("dpm_solver_pp", k, "logsnr") for k in (10, 20, 30, 60)}
+    for k in ddim:
+        assert dpm[k] < ddim[k] / 4, (k, dpm, ddim)
+    assert dpm[30] / dpm[60] > 3.0 and 1.5 < ddim[30] / ddim[60] < 2.5, (dpm, ddim)
+    two = d.respace(2)
+    torch.testing.assert_close(two.dpm_solver_pp_sample(oracle, 256, (1, 1, 1), torch.device("cpu"), noise=seed()),
+                               two.ddim_sample(oracle, 256, (1, 1, 1), torch.device("cpu"), noise=seed(), eta=0.0))
+
+
+def test_logsnr_spacing_is_even_in_lambda_and_keeps_the_ends():
+    d = GaussianDiffusion(1000)
+    process = d.respace(20, "logsnr")
+    used = process.timestep_map.numpy()
+    assert used[0] == 0 and used[-1] == 999 and len(used) == 20
+    abar = d.alphas_cumprod.numpy()[used]
+    lam = 0.5 * np.log(abar / (1 - abar))
+    steps = np.diff(lam)
+    assert np.all(steps < 0) and steps.std() / abs(steps.mean()) < 0.1   # near-equal lambda steps
+    torch.testing.assert_close(process.alphas_cumprod, d.alphas_cumprod[process.timestep_map])
+    with pytest.raises(ValueError, match="unknown timestep spacing"):
+        d.respace(20, "quadratic")

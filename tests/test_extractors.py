@@ -117,3 +117,61 @@ def test_classifier_epochs_follow_the_training_set_size():
     assert default_epochs(1397) == MAX_EPOCHS == 50   # the digits' training split: the cache key unchanged
     assert default_epochs(55_000) == 2                # MNIST: about 150k images seen
     assert default_epochs(10_000_000) == 1
+
+
+def test_sfid_features_are_mixed_6_conv_of_the_same_forward(digit_batch, inception_pool):
+    """The spatial features against the TorchScript's own layers chained by hand up to mixed_6's
+    1x1 branch, flattened the TF way (NHWC, first 7 channels) in numpy; the pool features against
+    the TorchScript's own forward, so chaining the blocks changed nothing."""
+    x = inception_pool.preprocess(digit_batch)
+    h = x
+    for name, block in inception_pool.net.net.layers.named_children():
+        if name == "mixed_6":
+            branch = block.conv(h)
+            break
+        h = block(h)
+    nhwc = branch.detach().numpy().transpose(0, 2, 3, 1)                  # (4, 17, 17, 192)
+    expected = torch.from_numpy(nhwc[..., :7].reshape(4, -1).copy())
+    out = inception_pool(digit_batch)
+    assert out["spatial"].shape == (4, 7 * 17 * 17)
+    torch.testing.assert_close(out["spatial"], expected, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(out["pool"], inception_pool.net(x), rtol=1e-4, atol=1e-4)
+
+
+def test_sfid_against_scipy_and_zero_on_the_reference_itself(inception_pool, tmp_path):
+    """sFID from FeatureMetrics (one extractor call per batch feeds FID and sFID) against scipy's
+    sqrtm Frechet distance of independently computed statistics; sFID(x, x) ~ 0."""
+    from test_feature_metrics import scipy_fid
+
+    from datamodules.datasets import load_split
+    from metrics.evaluation import quantize
+    from metrics.features import FeatureMetrics
+    from metrics.reference import load_or_compute_reference
+
+    ds = load_split("digits", "unused", "test", 8)
+    real = torch.utils.data.Subset(ds, range(48))
+    reference, _ = load_or_compute_reference(inception_pool, real, "digits", "test", 48, (1, 8, 8), tmp_path, 16)
+    fake = quantize(torch.stack([ds[i][0] for i in range(48, 88)])).flip(-1)     # other digits, mirrored
+    real_images = quantize(torch.stack([ds[i][0] for i in range(48)]))
+
+    calls = []
+    forward = inception_pool.forward
+    inception_pool.forward = lambda images: calls.append(len(images)) or forward(images)
+    try:
+        for images, expected_zero in ((fake, False), (real_images, True)):
+            calls.clear()
+            fm = FeatureMetrics(inception_pool, reference, ["fid", "sfid"])
+            fm.reset_generated()
+            fm.update_generated(images, range(len(images)))
+            assert calls == [len(images)]                          # one pass gives FID and sFID
+            values, details = fm.compute(len(images))
+            assert {"fid", "sfid"} <= set(values) and "mixed_6/conv" in details["sfid"]
+            if expected_zero:
+                assert abs(values["sfid"]) < 1e-3 * values["fid"] + 1e-3
+            else:
+                gen = inception_pool(images)["spatial"].double().numpy()
+                ref = inception_pool(real_images)["spatial"].double().numpy()
+                assert values["sfid"] == pytest.approx(scipy_fid(gen, ref), rel=2e-3)
+    finally:
+        inception_pool.forward = forward

@@ -107,8 +107,8 @@ class GaussianDiffusion(nn.Module):
             self.register_buffer(name, torch.from_numpy(np.asarray(array, dtype=np.float64)), persistent=False)
         timestep_map = np.arange(len(betas)) if timestep_map is None else np.asarray(timestep_map)
         self.register_buffer("timestep_map", torch.from_numpy(timestep_map.astype(np.int64)), persistent=False)
-        #: respaced processes by step count, built once and kept beside this one (not submodules)
-        self._respaced: dict[int, GaussianDiffusion] = {}
+        #: respaced processes by (step count, spacing), built once and kept beside this one (not submodules)
+        self._respaced: dict[tuple[int, str], GaussianDiffusion] = {}
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -116,24 +116,37 @@ class GaussianDiffusion(nn.Module):
         """arr[t] broadcast to x's shape: (B,) -> (B, 1, 1, 1), in x's dtype."""
         return arr[t].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
-    def respace(self, steps: int) -> "GaussianDiffusion":
-        """A process over ``steps`` evenly spaced timesteps of this one (improved-diffusion's
-        space_timesteps with one section): betas_i = 1 - abar_{S_i} / abar_{S_{i-1}}. Built once per
-        step count, on this process's device."""
+    def respace(self, steps: int, spacing: str = "uniform") -> "GaussianDiffusion":
+        """A process over ``steps`` timesteps of this one, betas_i = 1 - abar_{S_i} / abar_{S_{i-1}}
+        (improved-diffusion's space_timesteps): ``uniform`` = evenly spaced in t (one section);
+        ``logsnr`` = the timesteps nearest to evenly spaced lambda = log(alpha / sigma), DPM-Solver's
+        choice for low-resolution pixel models (Lu et al. 2022). Both keep t = 0 and t = T - 1 and
+        give ``steps`` distinct timesteps. Built once per (steps, spacing), on this process's device."""
         if not 2 <= steps <= self.num_timesteps:
             raise ValueError(f"steps must be in 2..{self.num_timesteps}, got {steps}")
+        if spacing not in ("uniform", "logsnr"):
+            raise ValueError(f"unknown timestep spacing {spacing!r}; choose 'uniform' or 'logsnr'")
         if steps == self.num_timesteps:
             return self
         device = self.betas.device
-        if steps not in self._respaced or self._respaced[steps].betas.device != device:
-            # evenly spaced, always including t=0 and t=T-1 (as space_timesteps does)
-            use = np.unique(np.round(np.linspace(0, self.num_timesteps - 1, steps)).astype(int))
-            abar = self.alphas_cumprod.cpu().numpy()[use]
+        key = (steps, spacing)
+        if key not in self._respaced or self._respaced[key].betas.device != device:
+            all_abar = self.alphas_cumprod.cpu().numpy()
+            if spacing == "uniform":
+                use = np.unique(np.round(np.linspace(0, self.num_timesteps - 1, steps)).astype(int))
+            else:
+                lam = 0.5 * np.log(all_abar / (1.0 - all_abar))
+                targets = np.linspace(lam[0], lam[-1], steps)
+                nearest = np.abs(lam[None, :] - targets[:, None]).argmin(axis=1)     # increasing in t
+                use = np.empty(steps, dtype=int)
+                for j, t in enumerate(nearest):   # distinct: where two targets share a timestep, the next one up
+                    use[j] = min(max(t, use[j - 1] + 1 if j else 0), self.num_timesteps - steps + j)
+            abar = all_abar[use]
             betas = 1.0 - abar / np.append(1.0, abar[:-1])
-            self._respaced[steps] = GaussianDiffusion(
+            self._respaced[key] = GaussianDiffusion(
                 len(use), variance=self.variance, clip_denoised=self.clip_denoised, betas=betas,
                 timestep_map=self.timestep_map.cpu().numpy()[use]).to(device)
-        return self._respaced[steps]
+        return self._respaced[key]
 
     def model_eps(self, model: EpsModel, x_t: Tensor, t: Tensor) -> Tensor:
         return model(x_t, self.timestep_map[t])
@@ -227,6 +240,40 @@ class GaussianDiffusion(nn.Module):
             x = abar_prev.sqrt() * x0 + torch.sqrt((1 - abar_prev - sigma ** 2).clamp(min=0)) * eps
             if i > 0 and eta > 0:
                 x = x + sigma * randn(noise, n, shape, device)
+        return x
+
+    @torch.no_grad()
+    def dpm_solver_pp_sample(self, model: EpsModel, n: int, shape: Sequence[int], device: torch.device,
+                             noise: Noise = None, guidance: GuidanceGradient | None = None) -> Tensor:
+        """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): the multistep second-order solver of the
+        probability-flow ODE in data prediction, one network call per timestep of this process.
+        With alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), lambda_t = log(alpha_t / sigma_t),
+        h_i = lambda_{t_i} - lambda_{t_{i-1}} and r_i = h_{i-1} / h_i:
+            D_i = (1 + 1 / (2 r_i)) x_theta(x_{t_{i-1}}) - 1 / (2 r_i) x_theta(x_{t_{i-2}})  (first step: x_theta),
+            x_{t_i} = sigma_{t_i} / sigma_{t_{i-1}} x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i.
+        The last step goes to sigma = 0 at first order (x = x_theta: "lower order final"), so the first-
+        order solver is DDIM with eta = 0. x_theta is clipped like the other samplers; with
+        ``guidance`` it is predicted from the guided eps (:meth:`guided_eps`). Run it on a
+        ``respace(steps, "logsnr")`` process: on time-uniform steps of a linear schedule the last
+        steps' lambda jumps (r_i << 1) make the second-order extrapolation overshoot."""
+        x = randn(noise, n, shape, device)
+        x0_prev = h_prev = None
+        for i in reversed(range(self.num_timesteps)):
+            t = torch.full((n,), i, device=device, dtype=torch.long)
+            eps = self.model_eps(model, x, t)
+            x0 = self.predict_x0(x, t, eps)
+            if self.clip_denoised:
+                x0 = x0.clamp(-1.0, 1.0)
+            if guidance is not None:
+                x0 = self.predict_x0(x, t, self.guided_eps(x, t, self.predict_eps(x, t, x0), guidance))
+            if i == 0:
+                return x0
+            abar, abar_next = self.alphas_cumprod[i], self.alphas_cumprod[i - 1]
+            alpha_next, sigma, sigma_next = abar_next.sqrt(), (1 - abar).sqrt(), (1 - abar_next).sqrt()
+            h = torch.log(alpha_next / sigma_next) - torch.log(abar.sqrt() / sigma)
+            d = x0 if x0_prev is None else (1 + h / (2 * h_prev)) * x0 - h / (2 * h_prev) * x0_prev
+            x = (sigma_next / sigma).to(x.dtype) * x - (alpha_next * torch.expm1(-h)).to(x.dtype) * d
+            x0_prev, h_prev = x0, h
         return x
 
     # ------------------------------------------------------------------ likelihood bound
