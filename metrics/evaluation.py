@@ -170,12 +170,14 @@ class Evaluator:
 
     @torch.no_grad()
     def evaluate(self, module, test_set: Dataset | None, sampler: dict[str, Any] | None = None,
-                 feature_sets: Sequence = (), class_frequencies: Sequence[float] | None = None) -> EvaluationResult:
+                 feature_sets: Sequence = (), class_frequencies: Sequence[float] | None = None,
+                 sample_sink: Callable[[Tensor, list[int], Tensor | None], None] | None = None) -> EvaluationResult:
         """Draw ``repeats`` independent sets of ``num_samples`` samples and score each; the metrics
         are the means over the sets and, with more than one set, ``<metric>_ci95`` the half-width
         of their 95% Student-t interval (the sampling uncertainty of this one model). Samples of a
         class-conditional model (or a classifier-guided one) carry intended labels, recorded in
-        ``details["labels"]``, which the feature sets score as ``class_acc`` (and intra-FID)."""
+        ``details["labels"]``, which the feature sets score as ``class_acc`` (and intra-FID).
+        ``sample_sink`` also receives the first set's uint8 batches (scripts/evaluate.py saves them)."""
         sampler = module.sampler_kwargs(**(sampler or {}))
         was_training = module.training
         module.eval()
@@ -195,6 +197,8 @@ class Evaluator:
                         grid_idx.extend(idx[k] for k in keep)
                     for fs in feature_sets:
                         fs.update_generated(images, idx, labels)
+                    if sample_sink is not None and repeat == 0:
+                        sample_sink(images, idx, labels)
 
                 seconds = self.generate(module, sampler, consume, self.repeat_offset(repeat), class_frequencies)
                 total_seconds = float(all_reduce_sum(torch.tensor([seconds], dtype=torch.float64,

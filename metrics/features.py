@@ -139,7 +139,8 @@ class FeatureMetrics:
             details["extractor_test_accuracy"] = self.extractor.test_accuracy
         if self.fid is not None:
             values["fid"] = float(self.fid.compute())
-            warning = small_sample_warning(min(num_samples, self.reference.num_images), self.extractor.feature_dim)
+            warning = small_sample_warning(min(num_samples, self.reference.num_images or num_samples),
+                                           self.extractor.feature_dim)
             details["fid_small_n"] = warning is not None
             if warning:
                 log.warning(warning)

@@ -46,7 +46,9 @@ class ReferenceStats:
 
     @property
     def num_images(self) -> int:
-        return int(self.features.shape[0])
+        """Images behind the statistics: the features' count, or for precomputed statistics without
+        features (an ADM reference batch) the count its spec records (0 = unknown)."""
+        return int(self.features.shape[0]) or int(self.spec.get("num_images") or 0)
 
 
 def reference_spec(dataset_name: str, split: str, num_images: int, image_shape, extractor_key: dict) -> dict:

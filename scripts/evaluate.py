@@ -7,7 +7,9 @@
     python scripts/evaluate.py samples=samples.npz reference=cifar10:train evaluation.extractor=inception_pool
 
 Prints one JSON line of metrics and writes <run dir>/results.json (and features.npz with
-save_features=true).
+save_features=true; with save_samples=true a checkpoint's samples as samples_NxHxWxC.npz in the ADM
+evaluator's format: arr_0 uint8 NHWC, arr_1 labels of a conditional model). An ADM reference batch
+that carries mu/sigma (mu_s/sigma_s) is scored against those statistics without reading its images.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from metrics.evaluation import Evaluator, save_png
 from metrics.feature_metrics import mean_cov
 from metrics.features import FeatureMetrics, build_extractor, build_feature_metrics
-from metrics.image_sets import load_image_set
+from metrics.image_sets import load_image_set, npz_statistics, save_npz
 from metrics.reference import ReferenceStats, load_or_compute_reference, reference_spec
 from metrics.results import RESULTS_FILE, write_json
 from models.checkpoints import load_module
@@ -61,8 +63,20 @@ def _evaluate_checkpoint_worker(rank: int, world: int, port: int, cfg: DictConfi
                                               intra_fid=ev.intra_fid)
                         for n in names]
         sampler = OmegaConf.to_container(cfg.sampler, resolve=True) if cfg.get("sampler") else {}
+        kept: dict[int, tuple] = {}
+
+        def keep(images, idx, labels):
+            for k, i in enumerate(idx):
+                kept[i] = (images[k].cpu(), None if labels is None else int(labels[k]))
+
         result = evaluator.evaluate(model, datamodule.split("test"), sampler, feature_sets,
-                                    datamodule.class_frequencies())
+                                    datamodule.class_frequencies(), sample_sink=keep if cfg.get("save_samples") else None)
+        if cfg.get("save_samples") and rank == 0:
+            order = sorted(kept)
+            images = torch.stack([kept[i][0] for i in order])
+            labels = None if kept[order[0]][1] is None else torch.tensor([kept[i][1] for i in order])
+            n, c, h, w = images.shape
+            save_npz(Path(cfg.paths.output_dir) / f"samples_{n}x{h}x{w}x{c}.npz", images, labels)
         summary = {
             "model": model.family, "dataset": datamodule.name, "seed": int(run_cfg.seed),
             "num_params": model.num_params, "train_steps": step,
@@ -88,6 +102,8 @@ def _free_port() -> int:
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     world = int(cfg.get("num_processes", 1))
+    if cfg.get("save_samples") and world > 1:
+        raise ValueError("save_samples=true writes one .npz from one process: use num_processes=1")
     if world <= 1:
         out: dict = {}
         _evaluate_checkpoint_worker(0, 1, 0, cfg, out)
@@ -120,6 +136,25 @@ def features_of(extractor, images: torch.Tensor, batch_size: int, device) -> dic
                                                  for k in ("logits", "spatial")}}
 
 
+def _needs_reference_features(metrics) -> bool:
+    """KID and P/R/D/C compare with the reference's features, not its statistics."""
+    return metrics != "auto" and any(m in ("kid", "prdc") for m in metrics)
+
+
+def precomputed_reference(stats: dict, source: str, extractor, image_shape) -> ReferenceStats:
+    """ReferenceStats from an ADM reference batch's mu/sigma (and mu_s/sigma_s), checked against the
+    extractor's feature sizes; its images are never read (their count comes from the .npy header)."""
+    from metrics.image_sets import ImageSetError, npz_count
+
+    if len(stats["mu"]) != extractor.feature_dim:
+        raise ImageSetError(f"{source}: its statistics are {len(stats['mu'])}-dimensional, extractor "
+                            f"'{extractor.name}' gives {extractor.feature_dim}: they come from another network; use "
+                            "evaluation.extractor=inception_pool (the ADM evaluator's pool3) or a reference with images")
+    spec = reference_spec(source, "precomputed", npz_count(Path(source)) or 0, image_shape, extractor.cache_key())
+    return ReferenceStats(stats["mu"], stats["sigma"], torch.empty(0, extractor.feature_dim), spec, None,
+                          stats.get("mu_s"), stats.get("sigma_s"))
+
+
 def evaluate_sample_sets(cfg: DictConfig) -> dict[str, Any]:
     ev, device = cfg.evaluation, cfg.device
     samples = load_image_set(cfg.samples, cfg.paths.data_dir)
@@ -127,6 +162,7 @@ def evaluate_sample_sets(cfg: DictConfig) -> dict[str, Any]:
     from datamodules.datasets import REGISTRY
     is_dataset = Path(ref_source).suffix != ".npz" and not Path(ref_source).is_dir() and ref_source.partition(":")[0] in REGISTRY
     name = ev.extractor or "inception_pool"
+    metric_names = ev.metrics
     datamodule = None
     if name == "classifier":
         if not is_dataset:
@@ -144,6 +180,15 @@ def evaluate_sample_sets(cfg: DictConfig) -> dict[str, Any]:
         reference, _ = load_or_compute_reference(extractor, dataset, dname, split or "train", ev.reference.num_images,
                                                  tuple(samples.shape[1:]), cfg.paths.cache_dir, ev.batch_size, device)
         ref_channels = dataset[0][0].shape[0]
+    elif (stats := npz_statistics(Path(ref_source)) if Path(ref_source).suffix == ".npz" else None) is not None \
+            and not _needs_reference_features(ev.metrics):
+        # an ADM reference batch's own statistics: FID (and sFID) without reading its images
+        reference = precomputed_reference(stats, str(ref_source), extractor, list(samples.shape[1:]))
+        ref_channels = samples.shape[1]
+        if ev.metrics == "auto":
+            metric_names = ["fid", *(["sfid"] if getattr(extractor, "has_spatial", False)
+                                     and reference.spatial_mu is not None else []),
+                            *(["is"] if extractor.has_logits else [])]
     else:
         ref_images = load_image_set(ref_source)
         ref_channels = ref_images.shape[1]
@@ -155,7 +200,7 @@ def evaluate_sample_sets(cfg: DictConfig) -> dict[str, Any]:
     if ref_channels != samples.shape[1]:
         raise ValueError(f"samples have {samples.shape[1]} channel(s), the reference {ref_channels}; "
                          "compare like with like")
-    metrics = FeatureMetrics(extractor, reference, ev.metrics, seed=ev.seed, pr_k=ev.pr_k, dc_k=ev.dc_k).to(device)
+    metrics = FeatureMetrics(extractor, reference, metric_names, seed=ev.seed, pr_k=ev.pr_k, dc_k=ev.dc_k).to(device)
     gen = features_of(extractor, samples, ev.batch_size, device)
     metrics.reset_generated()
     metrics.update_features({k: v.to(device) if v is not None else None for k, v in gen.items()},

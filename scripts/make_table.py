@@ -2,7 +2,7 @@
 
     python scripts/make_table.py logs/train/multiruns/2026-11-23_10-00-00           # a sweep dir
     python scripts/make_table.py run_a run_b/results.json --group-by model datamodule.image_size
-    python scripts/make_table.py --wandb-project genbench --wandb-group main --wandb-tags digits
+    python scripts/make_table.py --wandb-project genbench --wandb-group main_<timestamp> --wandb-tags digits
 
 Writes table.md, table.tex (booktabs) and table.csv to --out (default: the first path, or
 ./table for W&B), prints the Markdown, and lists failed runs. With W&B as the source the table is

@@ -165,3 +165,74 @@ def test_images_outside_unit_range_from_a_model_are_refused():
         check_images(torch.full((2, 1, 8, 8), 1.5), (1, 8, 8), "BadModel.sample")
     with pytest.raises(ValueError, match="expected"):
         check_images(torch.zeros(2, 3, 8, 8), (1, 8, 8), "BadModel.sample")
+
+
+def test_adm_npz_round_trip_gives_the_same_metrics(smoke_checkpoint, shared_cache, tmp_path):
+    """save_samples=true writes the checkpoint's samples in the ADM format (arr_0 uint8 NHWC); scoring
+    that file as a sample set against the same reference gives the checkpoint evaluation's metrics."""
+    from scripts.evaluate import evaluate
+
+    first = evaluate(compose_eval([f"ckpt_path={smoke_checkpoint}", "evaluation.num_samples=40", "evaluation.bpd_num_images=0",
+                                   "sampler.name=ddim", "sampler.steps=5", "save_samples=true",
+                                   f"paths.cache_dir={shared_cache}"], tmp_path / "ckpt"))
+    (npz,) = (tmp_path / "ckpt").glob("samples_*.npz")
+    assert npz.name == "samples_40x8x8x1.npz"
+    with np.load(npz) as data:
+        assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (40, 8, 8, 1) and "arr_1" not in data
+    again = evaluate(compose_eval([f"samples={npz}", "reference=digits:train", "evaluation.extractor=classifier",
+                                   f"paths.cache_dir={shared_cache}"], tmp_path / "npz"))
+    for name in ("fid", "kid", "is", "precision", "recall", "density", "coverage"):
+        assert again["metrics"][name] == pytest.approx(first["metrics"][name], rel=1e-6, abs=1e-9), name
+
+
+def test_precomputed_reference_statistics_are_used_without_reading_the_images(tmp_path, shared_cache):
+    """An ADM reference batch with mu/sigma/mu_s/sigma_s: FID and sFID from those statistics equal the
+    ones from the same images, while its arr_0 (here float32, which reading would refuse) is never read."""
+    from metrics.extractors import InceptionPoolExtractor
+    from metrics.feature_metrics import mean_cov
+    from metrics.image_sets import load_dataset_images
+    from scripts.evaluate import evaluate
+
+    real, _, _ = load_dataset_images("digits:test", "")
+    nhwc = real.permute(0, 2, 3, 1).numpy()
+    np.savez(tmp_path / "samples.npz", arr_0=nhwc[:24])
+    np.savez(tmp_path / "ref_images.npz", arr_0=nhwc[100:140])
+    out = InceptionPoolExtractor()(real[100:140])
+    (mu, sigma), (mu_s, sigma_s) = mean_cov(out["pool"]), mean_cov(out["spatial"])
+    np.savez(tmp_path / "ref_stats.npz", arr_0=nhwc[100:140].astype(np.float32), mu=mu.numpy(), sigma=sigma.numpy(),
+             mu_s=mu_s.numpy(), sigma_s=sigma_s.numpy())
+    common = [f"samples={tmp_path / 'samples.npz'}", "evaluation.extractor=inception_pool", "evaluation.metrics=[fid,sfid]",
+              f"paths.cache_dir={shared_cache}"]
+    from_images = evaluate(compose_eval([*common, f"reference={tmp_path / 'ref_images.npz'}"], tmp_path / "a"))
+    from_stats = evaluate(compose_eval([*common, f"reference={tmp_path / 'ref_stats.npz'}"], tmp_path / "b"))
+    for name in ("fid", "sfid"):
+        assert from_stats["metrics"][name] == pytest.approx(from_images["metrics"][name], rel=1e-4), name
+    assert from_stats["details"]["reference"]["num_images"] == 40          # from the .npy header alone
+    # without mu_s/sigma_s, sFID is refused with the fix; "auto" scores FID only
+    np.savez(tmp_path / "ref_pool_only.npz", mu=mu.numpy(), sigma=sigma.numpy())
+    with pytest.raises(ValueError, match="no spatial statistics"):
+        evaluate(compose_eval([*common, f"reference={tmp_path / 'ref_pool_only.npz'}"], tmp_path / "c"))
+    auto = evaluate(compose_eval([c for c in common if "metrics" not in c] + [f"reference={tmp_path / 'ref_pool_only.npz'}"],
+                                 tmp_path / "d"))
+    assert "fid" in auto["metrics"] and "sfid" not in auto["metrics"]
+
+
+def test_bad_adm_npz_files_are_refused_with_the_fix(tmp_path):
+    from metrics.image_sets import npz_statistics
+
+    cases = {"unit.npz": (np.full((2, 8, 8, 1), 0.5, np.float32), r"must be uint8.*np\.round\(x \* 255\)"),
+             "signed.npz": (np.full((2, 8, 8, 3), -0.5, np.float32), r"must be uint8.*\(x \+ 1\) \* 127\.5"),
+             "nchw.npz": (np.zeros((2, 3, 8, 8), np.uint8), r"NHWC.*looks NCHW: arr\.transpose\(0, 2, 3, 1\)"),
+             "flat.npz": (np.zeros((2, 64), np.uint8), r"batch of images \(N, H, W, C\)")}
+    for name, (arr, match) in cases.items():
+        np.savez(tmp_path / name, arr_0=arr)
+        with pytest.raises(ImageSetError, match=match):
+            load_image_set(str(tmp_path / name))
+    np.savez(tmp_path / "half.npz", mu=np.zeros(4))
+    assert npz_statistics(tmp_path / "half.npz") is None                      # mu without sigma: no statistics
+    np.savez(tmp_path / "odd.npz", mu=np.zeros(4), sigma=np.eye(4), mu_s=np.zeros(3))
+    with pytest.raises(ImageSetError, match="mu_s without sigma_s"):
+        npz_statistics(tmp_path / "odd.npz")
+    np.savez(tmp_path / "shape.npz", mu=np.zeros(4), sigma=np.eye(3))
+    with pytest.raises(ImageSetError, match="not a mean vector and its covariance"):
+        npz_statistics(tmp_path / "shape.npz")

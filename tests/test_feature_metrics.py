@@ -260,3 +260,22 @@ def test_repeated_sample_sets_give_a_sampling_interval(features):
     assert result.metrics["fid_ci95"] == pytest.approx((high - low) / 2)
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         Evaluator(repeats=0)
+
+
+def test_sfid_is_refused_without_spatial_features_or_reference_statistics(features):
+    """sFID asked of an extractor without spatial features, or against a reference whose statistics
+    lack the spatial ones: refused, naming the fix; "auto" leaves it out instead."""
+    from metrics.features import FeatureMetrics, MetricNotAvailableError
+
+    real, _ = features
+    with pytest.raises(MetricNotAvailableError, match="no spatial features.*inception_pool"):
+        _counting_metrics(real, ["fid", "sfid"])
+    no_spatial = _counting_metrics(real, ["fid"]).reference
+
+    class Spatial(CountingExtractor):
+        has_spatial = True
+
+    with pytest.raises(MetricNotAvailableError, match="no spatial statistics.*mu_s/sigma_s"):
+        FeatureMetrics(Spatial(), no_spatial, ["fid", "sfid"])
+    assert FeatureMetrics(Spatial(), no_spatial, "auto").sfid is None
+    assert _counting_metrics(real, "auto").sfid is None
