@@ -47,9 +47,11 @@ class FeatureMetrics:
                  pr_k: int = 3, dc_k: int = 5, kid_subsets: int = 100, kid_subset_size: int = 1000, is_splits: int = 10,
                  seed: int = 0, chunk: int = 1024, intra_fid: bool = False):
         has_spatial = getattr(extractor, "has_spatial", False)
+        has_features = reference.features.shape[0] > 0   # not for precomputed statistics alone
         if metrics == "auto":
             metrics = [m for m in ALL_METRICS if (m != "is" or extractor.has_logits)
-                       and (m != "sfid" or (has_spatial and reference.spatial_mu is not None))]
+                       and (m != "sfid" or (has_spatial and reference.spatial_mu is not None))
+                       and (m not in ("kid", "prdc") or has_features)]
         unknown = [m for m in metrics if m not in ALL_METRICS]
         if unknown:
             raise ValueError(f"unknown evaluation metrics {unknown}; choose from {list(ALL_METRICS)}")
@@ -57,6 +59,10 @@ class FeatureMetrics:
             raise MetricNotAvailableError(
                 f"Inception Score is not available from extractor '{extractor.name}' (it has no logits); use "
                 "evaluation.extractor=inception or classifier, or drop 'is' from evaluation.metrics")
+        if not has_features and any(m in ("kid", "prdc") for m in metrics):
+            raise MetricNotAvailableError(
+                "KID and precision/recall/density/coverage compare with the reference's features, and this reference "
+                "holds precomputed statistics only: give a reference with images, or drop kid/prdc from evaluation.metrics")
         if "sfid" in metrics and not has_spatial:
             raise MetricNotAvailableError(
                 f"sFID is not available from extractor '{extractor.name}' (no spatial features); use "

@@ -162,7 +162,7 @@ def evaluate_sample_sets(cfg: DictConfig) -> dict[str, Any]:
     from datamodules.datasets import REGISTRY
     is_dataset = Path(ref_source).suffix != ".npz" and not Path(ref_source).is_dir() and ref_source.partition(":")[0] in REGISTRY
     name = ev.extractor or "inception_pool"
-    metric_names = ev.metrics
+    stats = npz_statistics(Path(ref_source)) if Path(ref_source).suffix == ".npz" else None
     datamodule = None
     if name == "classifier":
         if not is_dataset:
@@ -180,15 +180,10 @@ def evaluate_sample_sets(cfg: DictConfig) -> dict[str, Any]:
         reference, _ = load_or_compute_reference(extractor, dataset, dname, split or "train", ev.reference.num_images,
                                                  tuple(samples.shape[1:]), cfg.paths.cache_dir, ev.batch_size, device)
         ref_channels = dataset[0][0].shape[0]
-    elif (stats := npz_statistics(Path(ref_source)) if Path(ref_source).suffix == ".npz" else None) is not None \
-            and not _needs_reference_features(ev.metrics):
+    elif stats is not None and not _needs_reference_features(ev.metrics):
         # an ADM reference batch's own statistics: FID (and sFID) without reading its images
         reference = precomputed_reference(stats, str(ref_source), extractor, list(samples.shape[1:]))
         ref_channels = samples.shape[1]
-        if ev.metrics == "auto":
-            metric_names = ["fid", *(["sfid"] if getattr(extractor, "has_spatial", False)
-                                     and reference.spatial_mu is not None else []),
-                            *(["is"] if extractor.has_logits else [])]
     else:
         ref_images = load_image_set(ref_source)
         ref_channels = ref_images.shape[1]
@@ -200,7 +195,7 @@ def evaluate_sample_sets(cfg: DictConfig) -> dict[str, Any]:
     if ref_channels != samples.shape[1]:
         raise ValueError(f"samples have {samples.shape[1]} channel(s), the reference {ref_channels}; "
                          "compare like with like")
-    metrics = FeatureMetrics(extractor, reference, metric_names, seed=ev.seed, pr_k=ev.pr_k, dc_k=ev.dc_k).to(device)
+    metrics = FeatureMetrics(extractor, reference, ev.metrics, seed=ev.seed, pr_k=ev.pr_k, dc_k=ev.dc_k).to(device)
     gen = features_of(extractor, samples, ev.batch_size, device)
     metrics.reset_generated()
     metrics.update_features({k: v.to(device) if v is not None else None for k, v in gen.items()},

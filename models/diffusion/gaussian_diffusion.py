@@ -202,6 +202,20 @@ class GaussianDiffusion(nn.Module):
         """Dhariwal & Nichol 2021 Algorithm 2 (DDIM): eps^ = eps - sqrt(1 - abar_t) s grad_x log p_phi(y | x_t)."""
         return eps - self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t) * guidance(x_t, self.timestep_map[t])
 
+    def denoise(self, model: EpsModel, x_t: Tensor, t: Tensor,
+                guidance: GuidanceGradient | None = None) -> tuple[Tensor, Tensor]:
+        """(eps^, x^_0) of the deterministic samplers: x^_0 from the network's eps (clipped with
+        clip_denoised), eps^ consistent with it (improved-diffusion); with ``guidance`` eps^ is the
+        guided one (:meth:`guided_eps`) and x^_0 follows from it."""
+        x0 = self.predict_x0(x_t, t, self.model_eps(model, x_t, t))
+        if self.clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+        eps = self.predict_eps(x_t, t, x0)
+        if guidance is not None:
+            eps = self.guided_eps(x_t, t, eps, guidance)
+            x0 = self.predict_x0(x_t, t, eps)
+        return eps, x0
+
     @torch.no_grad()
     def ancestral_sample(self, model: EpsModel, n: int, shape: Sequence[int], device: torch.device,
                          noise: Noise = None, guidance: GuidanceGradient | None = None) -> Tensor:
@@ -226,14 +240,7 @@ class GaussianDiffusion(nn.Module):
         x = randn(noise, n, shape, device)
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((n,), i, device=device, dtype=torch.long)
-            eps = self.model_eps(model, x, t)
-            x0 = self.predict_x0(x, t, eps)
-            if self.clip_denoised:
-                x0 = x0.clamp(-1.0, 1.0)
-            eps = self.predict_eps(x, t, x0)  # consistent with the clipped x^_0 (improved-diffusion)
-            if guidance is not None:
-                eps = self.guided_eps(x, t, eps, guidance)
-                x0 = self.predict_x0(x, t, eps)
+            eps, x0 = self.denoise(model, x, t, guidance)
             abar = self._gather(self.alphas_cumprod, t, x)
             abar_prev = self._gather(self.alphas_cumprod_prev, t, x)
             sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
@@ -260,12 +267,7 @@ class GaussianDiffusion(nn.Module):
         x0_prev = h_prev = None
         for i in reversed(range(self.num_timesteps)):
             t = torch.full((n,), i, device=device, dtype=torch.long)
-            eps = self.model_eps(model, x, t)
-            x0 = self.predict_x0(x, t, eps)
-            if self.clip_denoised:
-                x0 = x0.clamp(-1.0, 1.0)
-            if guidance is not None:
-                x0 = self.predict_x0(x, t, self.guided_eps(x, t, self.predict_eps(x, t, x0), guidance))
+            _, x0 = self.denoise(model, x, t, guidance)
             if i == 0:
                 return x0
             abar, abar_next = self.alphas_cumprod[i], self.alphas_cumprod[i - 1]
