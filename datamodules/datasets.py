@@ -57,12 +57,13 @@ class TensorImageDataset(Dataset):
 
 
 class FileImageDataset(Dataset):
-    """Images read from files on access, center-cropped and resized to a square ``image_size``."""
+    """Images read from files on access, center-cropped and resized to a square ``image_size``
+    (``adm_crop``: the ADM/guided-diffusion way, :func:`adm_center_crop`)."""
 
     def __init__(self, files: list[Path], labels: list[int], image_size: int, channels: int,
-                 crop: int | None = None):
+                 crop: int | None = None, adm_crop: bool = False):
         self.files, self.labels = list(files), list(labels)
-        self.image_size, self.channels, self.crop = image_size, channels, crop
+        self.image_size, self.channels, self.crop, self.adm_crop = image_size, channels, crop, adm_crop
 
     def __len__(self) -> int:
         return len(self.files)
@@ -70,8 +71,23 @@ class FileImageDataset(Dataset):
     def __getitem__(self, index: int):
         with Image.open(self.files[index]) as img:
             img = img.convert("RGB" if self.channels == 3 else "L")
-            array = _center_crop_resize(img, self.image_size, self.crop)
+            array = adm_center_crop(img, self.image_size) if self.adm_crop else \
+                _center_crop_resize(img, self.image_size, self.crop)
         return torch.from_numpy(array).float().div_(255.0), self.labels[index]
+
+
+def adm_center_crop(img: Image.Image, size: int) -> np.ndarray:
+    """guided-diffusion's ImageNet preprocessing (center_crop_arr): halve with a box filter while the
+    short side is at least 2 * size, resize (bicubic) so that the short side is ``size``, then take
+    the central size x size crop -> uint8 CHW."""
+    while min(img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    array = np.asarray(img, dtype=np.uint8)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    array = array[top:top + size, left:left + size]
+    return array[None].copy() if array.ndim == 2 else array.transpose(2, 0, 1).copy()
 
 
 def _center_crop_resize(img: Image.Image, size: int, crop: int | None) -> np.ndarray:
@@ -260,6 +276,66 @@ def load_image_folder_split(data_dir: str, split: str, image_size: int, download
     return FileImageDataset([files[i] for i in idx], [labels[i] for i in idx], image_size, channels)
 
 
+def load_downsampled_imagenet(folder: Path, split: str, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Downsampled ImageNet (Chrabaszcz et al. 2017; the 32x32 / 64x64 sets of the DDPM papers):
+    ``train_data_batch_*.npz`` / ``val_data.npz`` with ``data`` (N, 3 * S * S) uint8, each row the R,
+    G and B planes, and ``labels`` 1..1000. Held in memory (64x64 train: about 15.7 GB)."""
+    pattern = "train_data_batch_*.npz" if split == "train" else "val_data.npz"
+    files = sorted(folder.rglob(pattern), key=lambda p: (len(p.name), p.name))
+    if not files:
+        raise DatasetNotFoundError(f"no {pattern} under {folder} (downsampled ImageNet); put the "
+                                   f"Imagenet{image_size}_train_npz / Imagenet{image_size}_val_npz files there, or "
+                                   "image folders train/<class>/ and val/<class>/ with datamodule.options.layout=folders")
+    images, labels = [], []
+    for f in files:
+        with np.load(f) as data:
+            flat, y = data["data"], data["labels"]
+        side = int(round((flat.shape[1] / 3) ** 0.5))
+        if flat.dtype != np.uint8 or 3 * side * side != flat.shape[1]:
+            raise ValueError(f"{f}: 'data' must be uint8 rows of 3 x S x S pixels, got {flat.dtype} {flat.shape}")
+        if side != image_size:
+            raise ValueError(f"{f} holds {side}x{side} images but datamodule.image_size={image_size}; "
+                             f"set datamodule.image_size={side} or use the Imagenet{image_size} files")
+        images.append(torch.from_numpy(flat.reshape(-1, 3, side, side)))
+        labels.append(torch.from_numpy(np.asarray(y, dtype=np.int64) - 1))     # 1-based in the files
+    return torch.cat(images), torch.cat(labels)
+
+
+def load_imagenet_split(data_dir: str, split: str, image_size: int, download: bool = False,
+                        layout: str = "auto", val_size: int = 10_000) -> Dataset:
+    """ImageNet for the ADM presets. ``layout``: ``folders`` = train/<class>/*.JPEG and val/<class>/
+    (classes = sorted sub-folder names, the ADM centre crop and resize of :func:`adm_center_crop`);
+    ``npz`` = downsampled ImageNet (:func:`load_downsampled_imagenet`); ``auto`` = folders if
+    ``train/`` exists. ``test`` is ImageNet's validation set, ``val`` a fixed carve-out of train."""
+    root = Path(data_dir)
+    if layout == "auto":
+        layout = "folders" if (root / "train").is_dir() else "npz"
+    if layout not in ("folders", "npz"):
+        raise ValueError(f"datamodule.options.layout must be auto, folders or npz, got {layout!r}")
+    if layout == "npz":
+        images, labels = load_downsampled_imagenet(root, "val" if split == "test" else "train", image_size)
+        if split != "test":
+            idx = torch.from_numpy(split_indices(len(images), split, val_size))
+            images, labels = images[idx], labels[idx]
+        return TensorImageDataset(images, labels)
+    train_dir = root / "train"
+    if not train_dir.is_dir():
+        raise DatasetNotFoundError(f"ImageNet folders not found: {train_dir} does not exist; put train/<class>/ "
+                                   f"and val/<class>/ under {root} (datamodule.data_dir)")
+    classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+    folder = root / ("val" if split == "test" else "train")
+    files = list_image_files(folder)
+    unknown = sorted({f.parent.name for f in files} - set(classes))
+    if unknown:
+        raise ValueError(f"{folder} has class folders that train/ lacks: {unknown[:5]}; sort val/ into the same "
+                         "class folders as train/")
+    labels = [classes.index(f.parent.name) for f in files]
+    if split != "test":
+        idx = split_indices(len(files), split, min(val_size, max(1, len(files) // 10)))
+        files, labels = [files[i] for i in idx], [labels[i] for i in idx]
+    return FileImageDataset(files, labels, image_size, channels=3, adm_crop=True)
+
+
 @dataclass(frozen=True)
 class DatasetEntry:
     load: Callable[..., Dataset]
@@ -274,6 +350,7 @@ REGISTRY: dict[str, DatasetEntry] = {
     "cifar10": DatasetEntry(load_cifar10_split, DatasetInfo(3, 32, 10), ""),
     "celeba64": DatasetEntry(load_celeba64_split, DatasetInfo(3, 64, 0), ""),
     "image_folder": DatasetEntry(load_image_folder_split, DatasetInfo(3, 0, 0), ""),
+    "imagenet": DatasetEntry(load_imagenet_split, DatasetInfo(3, 0, 1000), ""),
 }
 
 

@@ -173,7 +173,7 @@ def test_config_mismatch_is_a_clear_error():
     with pytest.raises(ValueError, match="1 channel"):
         ImageDataModule(name="digits", channels=3)
     with pytest.raises(KeyError, match="registered"):
-        ImageDataModule(name="imagenet")
+        ImageDataModule(name="imagenet21k")
 
 
 def test_in_memory_batches_equal_the_dataloader_batches():
@@ -204,3 +204,49 @@ def test_batches_already_on_the_device_pass_through_the_transfer_hook():
     assert dm.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch     # no walk, no copy
     moved = dm.transfer_batch_to_device([x.double(), {"y": y}], torch.device("meta"), 0)   # others: Lightning's walk
     assert moved[0].device.type == "meta" and moved[1]["y"].device.type == "meta"
+
+
+def test_imagenet_folders_give_class_labels_and_the_adm_centre_crop(tmp_path):
+    """train/<class>/ and val/<class>/ -> labels from the sorted class folders; every image through
+    guided-diffusion's centre crop (box-halving while the short side >= 2 x size, bicubic to size,
+    central crop), checked against PIL steps written out here."""
+    rng = np.random.default_rng(0)
+    for split, per_class in (("train", 12), ("val", 2)):
+        for wnid in ("n02", "n01"):
+            (tmp_path / split / wnid).mkdir(parents=True)
+            for i in range(per_class):
+                Image.fromarray(rng.integers(0, 256, (40, 70, 3), dtype=np.uint8)).save(tmp_path / split / wnid / f"{i}.png")
+    test = load_split("imagenet", tmp_path, "test", 8)
+    train, val = (load_split("imagenet", tmp_path, s, 8) for s in ("train", "val"))
+    assert (len(train), len(val), len(test)) == (22, 2, 4)
+    assert sorted({y for _, y in test}) == [0, 1] and test.labels == [0, 0, 1, 1]   # n01 -> 0, n02 -> 1
+    x, _ = test[0]
+    with Image.open(tmp_path / "val" / "n01" / "0.png") as img:
+        img = img.convert("RGB")
+        img = img.resize((35, 20), Image.BOX)                  # short side 40 >= 16: halve
+        img = img.resize((17, 10), Image.BOX)                  # 20 >= 16: halve again; 10 < 16: stop
+        img = img.resize((14, 8), Image.BICUBIC)               # short side 10 -> 8 (17 * 0.8 = 13.6 -> 14)
+        expected = np.asarray(img)[:, 3:11].transpose(2, 0, 1)
+    np.testing.assert_array_equal((x.numpy() * 255).round().astype(np.uint8), expected)
+    (tmp_path / "val" / "n99").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "val" / "n99" / "x.png")
+    with pytest.raises(ValueError, match="class folders that train/ lacks"):
+        load_split("imagenet", tmp_path, "test", 8)
+
+
+def test_downsampled_imagenet_npz_rows_are_rgb_planes_with_one_based_labels(tmp_path):
+    rng = np.random.default_rng(1)
+    planes = rng.integers(0, 256, (30, 3, 8, 8), dtype=np.uint8)
+    labels = rng.integers(1, 1001, 30)
+    for k, part in enumerate((slice(0, 20), slice(20, 30)), start=1):
+        np.savez(tmp_path / f"train_data_batch_{k}.npz", data=planes[part].reshape(-1, 192), labels=labels[part])
+    np.savez(tmp_path / "val_data.npz", data=planes[:5].reshape(-1, 192), labels=labels[:5])
+    test = load_split("imagenet", tmp_path, "test", 8, layout="npz")
+    np.testing.assert_array_equal(test.images.numpy(), planes[:5])
+    np.testing.assert_array_equal(test.labels.numpy(), labels[:5] - 1)
+    train = load_split("imagenet", tmp_path, "train", 8, layout="npz", val_size=4)
+    assert len(train) == 26
+    with pytest.raises(ValueError, match="holds 8x8 images but datamodule.image_size=16"):
+        load_split("imagenet", tmp_path, "test", 16, layout="npz")
+    with pytest.raises(DatasetNotFoundError, match="no val_data.npz"):
+        load_split("imagenet", tmp_path / "empty", "test", 8)

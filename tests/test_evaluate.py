@@ -146,7 +146,7 @@ def test_bad_image_sets_get_clear_errors(tmp_path):
     with pytest.raises(ImageSetError, match="must be uint8"):
         load_image_set(str(tmp_path / "f.npz"))
     with pytest.raises(ImageSetError, match="neither a folder"):
-        load_image_set("imagenet")
+        load_image_set("imagenet21k")
 
 
 def test_channel_mismatch_between_samples_and_reference(tmp_path, shared_cache):

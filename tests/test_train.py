@@ -54,7 +54,7 @@ def test_cli_smoke_ddpm_writes_results_and_a_syncable_offline_wandb_run(tmp_path
 
 
 @pytest.mark.parametrize("override,choice", [("model=diffusion_transformer", "ddpm"),
-                                             ("datamodule=imagenet", "digits"),
+                                             ("datamodule=imagenet21k", "digits"),
                                              ("logger=tensorboard", "wandb")])
 def test_unknown_group_option_lists_the_available_choices(override, choice):
     with pytest.raises((MissingConfigException, ConfigCompositionException), match=rf"(?s)Available options.*{choice}"):
