@@ -112,8 +112,10 @@ def log_results_run(results: dict, project: str, save_dir: str, group: str | Non
     mode = resolve_wandb_mode(mode)
     _offline_notice(mode, save_dir)
     keys = run_filter_keys(results)
+    if wandb.run is not None:  # one run per evaluation, also when several share a process (sweeps)
+        wandb.finish()
     run = wandb.init(project=project, dir=save_dir, group=group, job_type=str(keys["family"]), tags=list(tags or []),
-                     config=keys, mode=mode, reinit="finish_previous")
+                     config=keys, mode=mode)
     try:
         run.summary.update({f"eval/{k}": v for k, v in results.get("metrics", {}).items()})
         run.summary.update({k: v for k, v in results.items() if k not in ("config", "metrics", "details")})
