@@ -239,3 +239,28 @@ def test_logsnr_spacing_is_even_in_lambda_and_keeps_the_ends():
     torch.testing.assert_close(process.alphas_cumprod, d.alphas_cumprod[process.timestep_map])
     with pytest.raises(ValueError, match="unknown timestep spacing"):
         d.respace(20, "quadratic")
+
+
+def test_dpm_solver_pp_step_is_algorithm_2_in_the_papers_notation():
+    """Three steps on an uneven lambda grid (r_2 != 1), recomputed here in Lu et al.'s notation:
+    x_{t_1} first order, then r_2 = h_1 / h_2, D_2 = (1 + 1/(2 r_2)) x0(t_1) - 1/(2 r_2) x0(t_0), then
+    the first-order final step x = x0(t_2)."""
+    abar = torch.tensor([0.98, 0.6, 0.02], dtype=torch.float64)            # t = 0, 1, 2 (x_T at t = 2)
+    d = GaussianDiffusion(3, clip_denoised=False, betas=(1 - abar / torch.cat([torch.ones(1), abar[:-1]])).numpy())
+    net = lambda x, t: 0.3 * x + 0.1 * t.reshape(-1, 1, 1, 1).to(x)        # any eps network  # noqa: E731
+    x = torch.randn((4, 1, 1, 1), generator=torch.Generator().manual_seed(3))
+    out = d.dpm_solver_pp_sample(net, 4, (1, 1, 1), torch.device("cpu"), noise=torch.Generator().manual_seed(3))
+    alpha, sigma = abar.sqrt(), (1 - abar).sqrt()
+    lam = torch.log(alpha / sigma)
+    x0 = lambda x, i: (x.double() - sigma[i] * net(x, torch.full((4,), i))) / alpha[i]  # noqa: E731
+    t0, t1, t2 = 2, 1, 0                                                     # the solver's t_0 > t_1 > t_2
+    m0 = x0(x, t0)
+    h1 = lam[t1] - lam[t0]
+    x1 = sigma[t1] / sigma[t0] * x - alpha[t1] * (torch.exp(-h1) - 1) * m0
+    m1 = x0(x1, t1)
+    h2 = lam[t2] - lam[t1]
+    r2 = h1 / h2
+    assert abs(float(r2) - 1) > 0.2                                          # an uneven grid
+    d2 = (1 + 1 / (2 * r2)) * m1 - 1 / (2 * r2) * m0
+    x2 = sigma[t2] / sigma[t1] * x1 - alpha[t2] * (torch.exp(-h2) - 1) * d2
+    torch.testing.assert_close(out.double(), x0(x2, t2), rtol=1e-5, atol=1e-6)
