@@ -16,6 +16,8 @@ log = logging.getLogger(__name__)
 
 ALL_METRICS = ("fid", "sfid", "is", "kid", "prdc")
 EXTRACTORS = ("inception", "inception_pool", "classifier")
+#: metrics that compare with the reference's features, not only its statistics
+NEEDS_REFERENCE_FEATURES = ("kid", "prdc")
 #: FID_inf / IS_inf fit sub-samples of FID_INF_MIN_FRACTION * N .. N generated samples
 FID_INF_MIN_FRACTION = 0.5
 
@@ -51,7 +53,7 @@ class FeatureMetrics:
         if metrics == "auto":
             metrics = [m for m in ALL_METRICS if (m != "is" or extractor.has_logits)
                        and (m != "sfid" or (has_spatial and reference.spatial_mu is not None))
-                       and (m not in ("kid", "prdc") or has_features)]
+                       and (m not in NEEDS_REFERENCE_FEATURES or has_features)]
         unknown = [m for m in metrics if m not in ALL_METRICS]
         if unknown:
             raise ValueError(f"unknown evaluation metrics {unknown}; choose from {list(ALL_METRICS)}")
@@ -59,7 +61,7 @@ class FeatureMetrics:
             raise MetricNotAvailableError(
                 f"Inception Score is not available from extractor '{extractor.name}' (it has no logits); use "
                 "evaluation.extractor=inception or classifier, or drop 'is' from evaluation.metrics")
-        if not has_features and any(m in ("kid", "prdc") for m in metrics):
+        if not has_features and any(m in NEEDS_REFERENCE_FEATURES for m in metrics):
             raise MetricNotAvailableError(
                 "KID and precision/recall/density/coverage compare with the reference's features, and this reference "
                 "holds precomputed statistics only: give a reference with images, or drop kid/prdc from evaluation.metrics")

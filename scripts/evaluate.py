@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metrics.evaluation import Evaluator, save_png
 from metrics.feature_metrics import mean_cov
-from metrics.features import FeatureMetrics, build_extractor, build_feature_metrics
+from metrics.features import NEEDS_REFERENCE_FEATURES, FeatureMetrics, build_extractor, build_feature_metrics
 from metrics.image_sets import load_image_set, npz_statistics, save_npz
 from metrics.reference import ReferenceStats, load_or_compute_reference, reference_spec
 from metrics.results import RESULTS_FILE, write_json
@@ -138,7 +137,7 @@ def features_of(extractor, images: torch.Tensor, batch_size: int, device) -> dic
 
 def _needs_reference_features(metrics) -> bool:
     """KID and P/R/D/C compare with the reference's features, not its statistics."""
-    return metrics != "auto" and any(m in ("kid", "prdc") for m in metrics)
+    return metrics != "auto" and any(m in NEEDS_REFERENCE_FEATURES for m in metrics)
 
 
 def precomputed_reference(stats: dict, source: str, extractor, image_shape) -> ReferenceStats:

@@ -1,5 +1,4 @@
 """The shared datamodule and every dataset loader, on files the tests write in the real formats."""
-import gzip
 import pickle
 import struct
 

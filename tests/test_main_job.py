@@ -1,7 +1,6 @@
 """The main job's pieces: plots from hand-made runs, sampler settings per family, the SLURM preset,
 and (slow) the whole job at smoke scale."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

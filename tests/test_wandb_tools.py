@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from metrics.dashboard import BARS, CURVES, DashboardTarget, build_workspace, describe
 from metrics.report import run_filter_keys
