@@ -68,6 +68,11 @@ class DDPM(GenerativeModule):
         if label_dropout and not getattr(net, "null_class", False):
             raise ValueError("model.label_dropout > 0 trains a null class, but the network has none; "
                              "set model.net.null_class=true (and model.num_classes)")
+        if bool(getattr(net, "learn_sigma", False)) != diffusion.learned_variance:
+            raise ValueError(
+                f"model.diffusion.variance={diffusion.variance!r} but the network has learn_sigma="
+                f"{getattr(net, 'learn_sigma', False)}: learned variances need both variance=learned_range and "
+                "model.net.learn_sigma=true (Improved DDPM), fixed ones neither")
         self.label_dropout = float(label_dropout)
         self.save_hyperparameters(ignore=["net", "diffusion", "optimizer"], logger=False)
         self.net, self.diffusion, self.optimizer_factory = net, diffusion, optimizer
@@ -102,7 +107,7 @@ class DDPM(GenerativeModule):
         return net if labels is None else (lambda x, t: net(x, t, labels))
 
     def training_loss(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
-        """{"loss": L_simple} of a batch of images in [0, 1] (scripts/benchmark's bare loop calls it
+        """{"loss": L_simple, or L_hybrid with learned variances} of a batch of images in [0, 1] (scripts/benchmark's bare loop calls it
         too); a conditional model uses the labels, each dropped to the null class with p = label_dropout."""
         x0 = images * 2.0 - 1.0                                               # (B, C, H, W) in [-1, 1]
         y = self.training_labels(labels)
@@ -142,6 +147,11 @@ class DDPM(GenerativeModule):
             raise ValueError(f"unknown DDPM sampler {name!r}; choose one of {SAMPLERS}")
         if steps is not None and not 2 <= int(steps) <= self.diffusion.num_timesteps:
             raise ValueError(f"sampler steps must be in 2..{self.diffusion.num_timesteps}, got {steps}")
+        if name == "ddim" and float(eta) > 0 and self.diffusion.learned_variance:
+            raise ValueError(
+                f"sampler.name=ddim with eta={eta}: DDIM's noise (Song et al. Eq. 16) ignores this model's learned "
+                "variances; sample with them by sampler.name=ancestral sampler.steps=N (respaced, Improved DDPM "
+                "Sec. 4), or set sampler.eta=0 (deterministic DDIM)")
         if scale_value("guidance_scale", guidance_scale) > 0 and not self.label_dropout:
             raise ValueError(
                 f"sampler.guidance_scale={guidance_scale}: classifier-free guidance needs a model trained with a "
@@ -182,9 +192,13 @@ class DDPM(GenerativeModule):
             return self.conditioned(net, labels)
         both = torch.cat([labels, torch.full_like(labels, self.null_label)])
 
+        channels = self.image_shape[0]
+
         def eps(x: Tensor, t: Tensor) -> Tensor:
             cond, uncond = net(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
-            return (1.0 + guidance_scale) * cond - guidance_scale * uncond
+            guided = (1.0 + guidance_scale) * cond[:, :channels] - guidance_scale * uncond[:, :channels]
+            # learned variances: the conditional model's v (GLIDE, Nichol et al. 2022, guides eps only)
+            return torch.cat([guided, cond[:, channels:]], dim=1)
         return eps
 
     def sampling_process(self, name: str = "ancestral", steps: int | None = None, **_):

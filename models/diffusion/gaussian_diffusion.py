@@ -4,6 +4,12 @@ Equation numbers refer to Ho et al. 2020 unless stated. Images live in [-1, 1] h
 network ``model(x_t, t)`` predicts the noise eps. Schedules are computed in float64 (as
 diffusion_tf and improved-diffusion do) and cast on use.
 
+Learned variances (Nichol & Dhariwal 2021, "Improved DDPM", Sec. 3.1): with ``variance="learned_range"``
+the network outputs (eps, v), v in [-1, 1] per pixel, and Sigma_theta = exp(f log beta_t + (1 - f)
+log beta~_t) with f = (v + 1) / 2 (their Eq. 15 with v mapped to [0, 1], as improved-diffusion does);
+``loss="hybrid"`` trains it with L_hybrid = L_simple + lambda L_vlb (Eq. 16, lambda = 0.001), the
+L_vlb term seeing the mean through a stop-gradient.
+
 A process may be *respaced* (Nichol & Dhariwal 2021, Sec. 4): keeping a subsequence S of the
 original timesteps defines a new process with betas 1 - abar_{S_i} / abar_{S_{i-1}}; the network is
 still called with the original timestep indices (``timestep_map``). DDIM (Song et al. 2021) and
@@ -22,6 +28,8 @@ from models.noise import Noise, randn
 from models.components.likelihoods import discretized_gaussian_log_likelihood
 
 EpsModel = Callable[[Tensor, Tensor], Tensor]
+VARIANCES = ("fixedlarge", "fixedsmall", "learned_range")
+LOSSES = ("simple", "hybrid")
 #: classifier guidance: (x_t, original timestep) -> s * grad_x log p(y | x_t), the scaled gradient
 GuidanceGradient = Callable[[Tensor, Tensor], Tensor]
 
@@ -57,7 +65,8 @@ def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) ->
 
 class GaussianDiffusion(nn.Module):
     """q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) and the learned reverse process with
-    fixed variances sigma_t^2 = beta_t ("fixedlarge", Ho's CIFAR-10 choice) or beta~_t ("fixedsmall").
+    fixed variances sigma_t^2 = beta_t ("fixedlarge", Ho's CIFAR-10 choice) or beta~_t ("fixedsmall"),
+    or variances learned between the two ("learned_range", Improved DDPM; module docstring).
 
     The schedule lives on the device as float64 buffers, computed once here and moved with the
     module that owns the process (``.to(device)``), never copied from the host in a training or
@@ -66,21 +75,30 @@ class GaussianDiffusion(nn.Module):
     Args:
         num_timesteps: T.
         schedule: "linear" (Ho et al.) or "cosine" (Nichol & Dhariwal); ignored if ``betas`` given.
-        variance: "fixedlarge" or "fixedsmall".
+        variance: "fixedlarge", "fixedsmall" or "learned_range" (the network outputs 2C channels).
         clip_denoised: clip the predicted x_0 to [-1, 1] before computing the posterior mean.
+        loss: "simple" (L_simple, Ho et al. Eq. 14) or "hybrid" (L_simple + vlb_weight L_vlb,
+            Nichol & Dhariwal Eq. 16; needs variance="learned_range").
+        vlb_weight: lambda of L_hybrid (the paper's 0.001).
         betas, timestep_map: set by :meth:`respace`; not for configs.
     """
 
     def __init__(self, num_timesteps: int = 1000, schedule: str = "linear", variance: str = "fixedlarge",
                  clip_denoised: bool = True, betas: Sequence[float] | None = None,
-                 timestep_map: Sequence[int] | None = None):
+                 timestep_map: Sequence[int] | None = None, loss: str = "simple", vlb_weight: float = 0.001):
         super().__init__()
-        if variance not in ("fixedlarge", "fixedsmall"):
-            raise ValueError(f"unknown variance {variance!r}; choose 'fixedlarge' or 'fixedsmall'")
+        if variance not in VARIANCES:
+            raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
+        if loss not in LOSSES:
+            raise ValueError(f"unknown diffusion loss {loss!r}; choose one of {LOSSES}")
+        if loss == "hybrid" and variance != "learned_range":
+            raise ValueError(f"loss=hybrid trains learned variances, but variance={variance!r} is fixed: set "
+                             "model.diffusion.variance=learned_range and model.net.learn_sigma=true, or loss=simple")
         betas = make_betas(schedule, num_timesteps) if betas is None else np.asarray(betas, dtype=np.float64)
         if not ((betas > 0) & (betas <= 1)).all():
             raise ValueError("betas must lie in (0, 1]")
         self.schedule, self.variance, self.clip_denoised = schedule, variance, clip_denoised
+        self.loss, self.vlb_weight = loss, float(vlb_weight)
         self.num_timesteps = len(betas)
         alphas = 1.0 - betas
         abar = np.cumprod(alphas)
@@ -101,7 +119,7 @@ class GaussianDiffusion(nn.Module):
             "posterior_variance": posterior_variance, "posterior_log_variance_clipped": posterior_log_variance,
             "posterior_mean_coef1": betas * np.sqrt(abar_prev) / (1.0 - abar),
             "posterior_mean_coef2": (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
-            "model_log_variance": model_log_variance,
+            "model_log_variance": model_log_variance, "log_betas": np.log(betas),
         }
         for name, array in schedule_arrays.items():
             self.register_buffer(name, torch.from_numpy(np.asarray(array, dtype=np.float64)), persistent=False)
@@ -145,11 +163,37 @@ class GaussianDiffusion(nn.Module):
             betas = 1.0 - abar / np.append(1.0, abar[:-1])
             self._respaced[key] = GaussianDiffusion(
                 len(use), variance=self.variance, clip_denoised=self.clip_denoised, betas=betas,
+                loss=self.loss, vlb_weight=self.vlb_weight,
                 timestep_map=self.timestep_map.cpu().numpy()[use]).to(device)
         return self._respaced[key]
 
+    @property
+    def learned_variance(self) -> bool:
+        return self.variance == "learned_range"
+
+    def model_output(self, model: EpsModel, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(eps, v) of the network at the original timesteps; v is None for fixed variances."""
+        out = model(x_t, self.timestep_map[t])
+        channels = x_t.shape[1]
+        expected = 2 * channels if self.learned_variance else channels
+        if out.shape[1] != expected:
+            fix = ("model.net.learn_sigma=true" if self.learned_variance
+                   else "model.diffusion.variance=learned_range (the network learns its variances)")
+            raise ValueError(f"variance={self.variance!r} needs a network with {expected} output channels, this one "
+                             f"gives {out.shape[1]}: set {fix}")
+        return (out[:, :channels], out[:, channels:]) if self.learned_variance else (out, None)
+
     def model_eps(self, model: EpsModel, x_t: Tensor, t: Tensor) -> Tensor:
-        return model(x_t, self.timestep_map[t])
+        return self.model_output(model, x_t, t)[0]
+
+    def model_log_variance_of(self, v: Tensor | None, t: Tensor, x_t: Tensor) -> Tensor:
+        """log Sigma_theta(x_t, t): the fixed one, or Nichol & Dhariwal Eq. 15,
+        f log beta_t + (1 - f) log beta~_t with f = (v + 1) / 2."""
+        if v is None:
+            return self._gather(self.model_log_variance, t, x_t)
+        frac = (v + 1.0) / 2.0
+        return (frac * self._gather(self.log_betas, t, x_t)
+                + (1.0 - frac) * self._gather(self.posterior_log_variance_clipped, t, x_t))
 
     # ------------------------------------------------------------------ forward process
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -173,21 +217,33 @@ class GaussianDiffusion(nn.Module):
 
     # ------------------------------------------------------------------ reverse process
     def p_mean_variance(self, model: EpsModel, x_t: Tensor, t: Tensor) -> dict[str, Tensor]:
-        """Eq. 11: mu_theta(x_t, t) = mu~_t(x^_0(x_t, eps_theta), x_t), with x^_0 optionally clipped."""
-        eps = self.model_eps(model, x_t, t)
+        """Eq. 11: mu_theta(x_t, t) = mu~_t(x^_0(x_t, eps_theta), x_t), with x^_0 optionally clipped,
+        and the model's (fixed or learned) log-variance."""
+        return self.mean_variance_of(*self.model_output(model, x_t, t), x_t, t)
+
+    def mean_variance_of(self, eps: Tensor, v: Tensor | None, x_t: Tensor, t: Tensor) -> dict[str, Tensor]:
+        """:meth:`p_mean_variance` from a network output already computed."""
         x0 = self.predict_x0(x_t, t, eps)
         if self.clip_denoised:
             x0 = x0.clamp(-1.0, 1.0)
         mean, _ = self.q_posterior(x0, x_t, t)
-        return {"mean": mean, "log_variance": self._gather(self.model_log_variance, t, x_t), "pred_x0": x0}
+        return {"mean": mean, "log_variance": self.model_log_variance_of(v, t, x_t), "pred_x0": x0}
 
     def training_loss(self, model: EpsModel, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Eq. 14, L_simple = E_{t, x_0, eps} ||eps - eps_theta(x_t, t)||^2, t ~ U{0..T-1}. Returns (B,)."""
+        """Eq. 14, L_simple = E_{t, x_0, eps} ||eps - eps_theta(x_t, t)||^2, t ~ U{0..T-1}; with
+        loss="hybrid" plus lambda L_vlb (Nichol & Dhariwal Eq. 16), L_vlb = T * L_t in bits/dim for the
+        sampled t (an unbiased estimate of the sum of Eq. 5's terms, improved-diffusion's scaling), computed
+        with the mean detached so that only Sigma_theta learns from it (their Sec. 3.1). Returns (B,)."""
         b = x0.shape[0]
         t = torch.randint(0, self.num_timesteps, (b,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        eps = self.model_eps(model, self.q_sample(x0, t, noise), t)
-        return (eps - noise).pow(2).flatten(1).mean(1)
+        x_t = self.q_sample(x0, t, noise)
+        eps, v = self.model_output(model, x_t, t)
+        loss = (eps - noise).pow(2).flatten(1).mean(1)
+        if self.loss == "hybrid":
+            vlb = self.vb_terms_of(x0, x_t, t, self.mean_variance_of(eps.detach(), v, x_t, t))
+            loss = loss + self.vlb_weight * self.num_timesteps * vlb
+        return loss
 
     def guided_mean_variance(self, model: EpsModel, x_t: Tensor, t: Tensor,
                              guidance: GuidanceGradient | None = None) -> dict[str, Tensor]:
@@ -290,8 +346,11 @@ class GaussianDiffusion(nn.Module):
     def vb_term_bpd(self, model: EpsModel, x0: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
         """L_{t-1} of Eq. 5 for t > 0 (KL of Gaussians) and L_0 (Eq. 13, discretized decoder) for t = 0,
         in bits/dim. (B,)"""
+        return self.vb_terms_of(x0, x_t, t, self.p_mean_variance(model, x_t, t))
+
+    def vb_terms_of(self, x0: Tensor, x_t: Tensor, t: Tensor, out: dict[str, Tensor]) -> Tensor:
+        """:meth:`vb_term_bpd` from the model's mean and log-variance already computed."""
         true_mean, true_logvar = self.q_posterior(x0, x_t, t)
-        out = self.p_mean_variance(model, x_t, t)
         kl = normal_kl(true_mean, true_logvar, out["mean"], out["log_variance"]).flatten(1).mean(1) / math.log(2.0)
         decoder_nll = -discretized_gaussian_log_likelihood(
             x0, out["mean"], 0.5 * out["log_variance"]).flatten(1).mean(1) / math.log(2.0)
