@@ -65,6 +65,14 @@ def train_config(overrides: list[str], out_dir: Path):
     return cfg
 
 
+def finished(run: Path) -> bool:
+    """A run trained to its end (an interrupted one has a last.ckpt too, but no results.json "ok")."""
+    try:
+        return json.loads((run / "results.json").read_text()).get("status") == "ok"
+    except (OSError, ValueError):
+        return False
+
+
 def spread(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "n": len(values), "values": values}
@@ -84,7 +92,7 @@ def run_ablation(name: str, out: Path, seeds: list[int], num_samples: int, repea
         bpds: list[float] = []
         for seed in seeds:
             run = out / "runs" / f"{slug}_seed{seed}"
-            if not (run / "checkpoints" / "last.ckpt").is_file():
+            if not finished(run):
                 started = time.perf_counter()
                 train(train_config(["experiment=digits_ddpm", f"seed={seed}", "logger=csv", "callbacks.progress_bar=null",
                                     *TRAIN_EVALUATION, *overrides, *extra], run))

@@ -215,3 +215,18 @@ def test_classifier_free_guidance_guides_eps_and_keeps_the_conditional_variance(
     # eps: (1 + w) y - w * 3 (null label 3); v: the conditional y / 10
     torch.testing.assert_close(out[:, 0, 0, 0], torch.tensor([3 * 1 - 2 * 3, 3 * 2 - 2 * 3.0]))
     torch.testing.assert_close(out[:, 1, 0, 0], torch.tensor([0.1, 0.2]))
+
+
+def test_every_ablation_variant_composes_and_the_architecture_pair_has_about_equal_parameters(tmp_path):
+    from scripts.ablation import ABLATIONS, TRAIN_EVALUATION
+
+    counts = {}
+    for name, spec in ABLATIONS.items():
+        for variant, overrides in spec["variants"].items():
+            cfg = compose_train(["experiment=digits_ddpm", "logger=csv", *TRAIN_EVALUATION, *overrides], tmp_path)
+            model = hydra.utils.instantiate(cfg.model)
+            counts[(name, variant)] = sum(p.numel() for p in model.net.parameters())
+            for sampler in spec["samplers"].values():
+                model._check_sampler(**{**model.default_sampler, **sampler})
+    ho, adm = (counts[("architecture", v)] for v in ABLATIONS["architecture"]["variants"])
+    assert abs(adm / ho - 1) < 0.06
