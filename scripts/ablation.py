@@ -45,7 +45,10 @@ ABLATIONS = {
                  "samplers": {"ancestral-25": {**ANCESTRAL, "steps": 25}, "ancestral-50": {**ANCESTRAL, "steps": 50}},
                  "bpd": True},
     # Dhariwal & Nichol 2021, Table 1: each of these changes lowers FID
-    "architecture": {"variants": {"Ho et al. 2020 UNet": [], "ADM UNet options": ADM_UNET},
+    "architecture": {"variants": {"Ho et al. 2020 UNet": [], "ADM UNet options": ADM_UNET,
+                                  # one switch at a time, to see which of them moves FID here
+                                  "Ho + scale-shift norm": ["model.net.use_scale_shift_norm=true"],
+                                  "ADM with attention at 4x4 only": [*ADM_UNET, "model.net.attention_resolutions=[4]"]},
                      "samplers": {"DDIM-50 eta=1": {"name": "ddim", "steps": 50, "eta": 1.0},
                                   "ancestral-50": {**ANCESTRAL, "steps": 50}},
                      "bpd": False},
@@ -79,14 +82,19 @@ def spread(values: list[float]) -> dict:
 
 
 def run_ablation(name: str, out: Path, seeds: list[int], num_samples: int, repeats: int, bpd_images: int,
-                 extra: list[str]) -> dict:
+                 extra: list[str], only: list[str] | None = None) -> dict:
     from scripts.evaluate import evaluate
     from scripts.train import train
 
     spec = ABLATIONS[name]
     rows = {}
-    for variant, overrides in spec["variants"].items():
-        slug = variant.split(",")[0].replace(" ", "_").replace(".", "")
+    variants = {v: o for v, o in spec["variants"].items() if not only or v in only}
+    unknown = sorted(set(only or []) - set(spec["variants"]))
+    if unknown:
+        raise ValueError(f"unknown {name} variants {unknown}; known: {sorted(spec['variants'])}")
+    for variant, overrides in variants.items():
+        slug = "".join(c if c.isalnum() or c in "_-" else "_"
+                       for c in variant.split(",")[0].replace(" ", "_").replace(".", ""))
         row: dict = {"overrides": overrides, "fid": {}, "num_params": None}
         fids: dict[str, list[float]] = {s: [] for s in spec["samplers"]}
         bpds: list[float] = []
@@ -147,11 +155,12 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=2, help="independent sample draws per checkpoint")
     parser.add_argument("--bpd-images", type=int, default=200)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--only", nargs="+", default=None, help="run only these variants (their names above)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for training and evaluation (paths.*)")
     args = parser.parse_intermixed_args(argv)
     out = args.out or ROOT / "logs" / "ablation" / args.ablation
     result = run_ablation(args.ablation, out, args.seeds, args.num_samples, args.repeats, args.bpd_images,
-                          args.overrides)
+                          args.overrides, args.only)
     print(markdown(result))
     print(f"written: {out / 'ablation.json'}, {out / 'ablation.md'}")
 

@@ -228,5 +228,5 @@ def test_every_ablation_variant_composes_and_the_architecture_pair_has_about_equ
             counts[(name, variant)] = sum(p.numel() for p in model.net.parameters())
             for sampler in spec["samplers"].values():
                 model._check_sampler(**{**model.default_sampler, **sampler})
-    ho, adm = (counts[("architecture", v)] for v in ABLATIONS["architecture"]["variants"])
-    assert abs(adm / ho - 1) < 0.06
+    ho, *others = (counts[("architecture", v)] for v in ABLATIONS["architecture"]["variants"])
+    assert all(abs(n / ho - 1) < 0.08 for n in others)      # within 8% of the Ho configuration
