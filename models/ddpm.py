@@ -107,8 +107,9 @@ class DDPM(GenerativeModule):
         return net if labels is None else (lambda x, t: net(x, t, labels))
 
     def training_loss(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
-        """{"loss": L_simple, or L_hybrid with learned variances} of a batch of images in [0, 1] (scripts/benchmark's bare loop calls it
-        too); a conditional model uses the labels, each dropped to the null class with p = label_dropout."""
+        """{"loss": L_simple, or L_hybrid with learned variances} of a batch of images in [0, 1]
+        (scripts/benchmark's bare loop calls it too); a conditional model uses the labels, each
+        dropped to the null class with p = label_dropout."""
         x0 = images * 2.0 - 1.0                                               # (B, C, H, W) in [-1, 1]
         y = self.training_labels(labels)
         model = self.conditioned(self.net, None if y is None else self.drop_labels(y))

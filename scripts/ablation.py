@@ -13,8 +13,6 @@ training set as reference, as in every digits run), and, for ``variance``, the f
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from scripts.main_job import eval_config, sampler_overrides  # noqa: E402
+from metrics.intervals import mean_std  # noqa: E402
+from metrics.results import atomic_write_text, read_results, write_json  # noqa: E402
+from scripts.main_job import compose_config, eval_config, sampler_overrides  # noqa: E402
 
 LEARNED_VARIANCE = ["model.net.learn_sigma=true", "model.diffusion.variance=learned_range",
                     "model.diffusion.loss=hybrid"]
@@ -55,30 +55,17 @@ ABLATIONS = {
 }
 
 
-def train_config(overrides: list[str], out_dir: Path):
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    import scripts  # noqa: F401  (resolvers)
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
-
-
 def finished(run: Path) -> bool:
     """A run trained to its end (an interrupted one has a last.ckpt too, but no results.json "ok")."""
     try:
-        return json.loads((run / "results.json").read_text()).get("status") == "ok"
+        return read_results(run / "results.json").get("status") == "ok"
     except (OSError, ValueError):
         return False
 
 
 def spread(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values), "values": values}
+    mean, std = mean_std(values)
+    return {"mean": mean, "std": std, "n": len(values), "values": values}
 
 
 def run_ablation(name: str, out: Path, seeds: list[int], num_samples: int, repeats: int, bpd_images: int,
@@ -102,8 +89,8 @@ def run_ablation(name: str, out: Path, seeds: list[int], num_samples: int, repea
             run = out / "runs" / f"{slug}_seed{seed}"
             if not finished(run):
                 started = time.perf_counter()
-                train(train_config(["experiment=digits_ddpm", f"seed={seed}", "logger=csv", "callbacks.progress_bar=null",
-                                    *TRAIN_EVALUATION, *overrides, *extra], run))
+                train(compose_config("train", ["experiment=digits_ddpm", f"seed={seed}", "logger=csv", "callbacks.progress_bar=null",
+                                               *TRAIN_EVALUATION, *overrides, *extra], run))
                 print(f"  trained {variant}, seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
             for i, (label, sampler) in enumerate(spec["samplers"].items()):
                 with_bpd = spec["bpd"] and i == 0
@@ -124,9 +111,8 @@ def run_ablation(name: str, out: Path, seeds: list[int], num_samples: int, repea
         rows[variant] = row
     result = {"ablation": name, "seeds": seeds, "num_samples": num_samples, "repeats": repeats,
               "bpd_images": bpd_images if spec["bpd"] else 0, "variants": rows}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ablation.json").write_text(json.dumps(result, indent=2))
-    (out / "ablation.md").write_text(markdown(result))
+    write_json(out / "ablation.json", result)
+    atomic_write_text(out / "ablation.md", markdown(result))
     return result
 
 

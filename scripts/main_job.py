@@ -114,23 +114,28 @@ def prepare_caches(extractors: list[str], overrides: list[str]) -> None:
                               cfg.evaluation.reference.num_images, "auto", "cpu")
 
 
-def eval_config(ckpt: Path, out_dir: Path, overrides: list[str], extra: list[str], config_name: str = "eval",
-                group: str | None = None):
-    """scripts/evaluate.py's config for ``ckpt`` (plus the main job's paths and reference); with
-    ``group``, the evaluation is also a W&B run of that group (the dashboard's guidance panels)."""
+def compose_config(config_name: str, overrides: list[str], out_dir: Path):
+    """The config ``scripts/<config_name>.py <overrides>`` would see, writing to ``out_dir``."""
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
     import scripts  # noqa: F401  (resolvers)
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=[
-            f"ckpt_path={ckpt}", *overrides, *[o for o in extra if o.startswith(("paths.", "evaluation.reference"))],
-            *([f"wandb.enabled={not any(o == 'logger=csv' or o == 'logger=none' for o in extra)}",
-               f"wandb.group={group}"] if group else [])])
+        cfg = compose(config_name=config_name, overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir = str(out_dir)
     return cfg
+
+
+def eval_config(ckpt: Path, out_dir: Path, overrides: list[str], extra: list[str], config_name: str = "eval",
+                group: str | None = None):
+    """scripts/evaluate.py's config for ``ckpt`` (plus the main job's paths and reference); with
+    ``group``, the evaluation is also a W&B run of that group (the dashboard's guidance panels)."""
+    return compose_config(config_name, [
+        f"ckpt_path={ckpt}", *overrides, *[o for o in extra if o.startswith(("paths.", "evaluation.reference"))],
+        *([f"wandb.enabled={not any(o == 'logger=csv' or o == 'logger=none' for o in extra)}",
+           f"wandb.group={group}"] if group else [])], out_dir)
 
 
 def sampler_overrides(sampler: dict) -> list[str]:

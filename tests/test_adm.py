@@ -230,3 +230,22 @@ def test_every_ablation_variant_composes_and_the_architecture_pair_has_about_equ
                 model._check_sampler(**{**model.default_sampler, **sampler})
     ho, *others = (counts[("architecture", v)] for v in ABLATIONS["architecture"]["variants"])
     assert all(abs(n / ho - 1) < 0.08 for n in others)      # within 8% of the Ho configuration
+
+
+def test_ablation_reruns_an_interrupted_run_and_tabulates_mean_and_std(tmp_path):
+    from metrics.results import write_json
+    from scripts.ablation import finished, markdown, run_ablation, spread
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"mid-training")
+    assert not finished(run)                       # a checkpoint alone is an interrupted run
+    write_json(run / "results.json", {"status": "failed", "error": "killed"})
+    assert not finished(run)
+    fid = spread([1.0, 2.0, 3.0])
+    assert (fid["mean"], fid["std"]) == (2.0, 1.0)
+    result = {"seeds": [0, 1], "repeats": 2, "num_samples": 1000, "bpd_images": 200, "variants": {
+        "a": {"num_params": 700_000, "fid": {"ancestral-25": fid}, "bpd": spread([4.9, 5.1])}}}
+    assert "| a | 0.70M | 2.000 +- 1.000 | 5.0000 +- 0.1414 |" in markdown(result)
+    with pytest.raises(ValueError, match="unknown variance variants"):
+        run_ablation("variance", tmp_path / "out", [0], 10, 1, 0, [], only=["no such variant"])
