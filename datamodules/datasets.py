@@ -191,33 +191,47 @@ def obtain_mnist_like(name: str, root: Path, download: bool, torchvision_downloa
     offline_sources.fetch(name, root, allow_network=download)
 
 
-def load_cifar10_split(data_dir: str, split: str, image_size: int, download: bool = False,
-                       val_size: int = 5000) -> Dataset:
-    """CIFAR-10 from torchvision's python-pickle batches (50k train / 10k test)."""
+def cifar10_published_files() -> list[tuple[str, str]]:
+    """(file name, published MD5) of every file of the CIFAR-10 python version, as torchvision
+    publishes them (its ``CIFAR10`` class attributes)."""
     import torchvision.datasets as tvd
 
-    class _CIFAR10(tvd.CIFAR10):
-        # torchvision md5-checks every batch file on each load; the archive checksum is still
-        # verified at download time, so on load we only require the files to be present.
-        def _check_integrity(self) -> bool:
-            return all((Path(self.root) / self.base_folder / f).is_file()
-                       for f, _ in self.train_list + self.test_list)
+    return [*map(tuple, tvd.CIFAR10.train_list), *map(tuple, tvd.CIFAR10.test_list),
+            (tvd.CIFAR10.meta["filename"], tvd.CIFAR10.meta["md5"])]
 
-        def _load_meta(self) -> None:
-            import pickle
 
-            meta = Path(self.root) / self.base_folder / self.meta["filename"]
-            if not meta.is_file():
-                raise RuntimeError(f"Dataset metadata file {meta} not found")
-            with open(meta, "rb") as f:
-                self.classes = pickle.load(f, encoding="latin1")[self.meta["key"]]
-            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+def verify_cifar10(folder: Path) -> None:
+    """Every CIFAR-10 batch file matches its published MD5, checked before anything is unpickled
+    (the batches are pickles: a foreign file could run code when loaded)."""
+    from torchvision.datasets.utils import check_integrity
+
+    for filename, md5 in cifar10_published_files():
+        path = folder / filename
+        if not path.is_file():
+            raise DatasetNotFoundError(f"CIFAR-10 file {path} is missing. Extract cifar-10-python.tar.gz so that "
+                                       f"{folder} holds data_batch_1..5, test_batch and batches.meta, or set "
+                                       "datamodule.download=true on a machine with internet access.")
+        if not check_integrity(str(path), md5):
+            raise DatasetChecksumError(
+                f"CIFAR-10 file {path} does not match its published MD5 {md5}: it is corrupt or not CIFAR-10's, and "
+                f"it was not unpickled. Delete {folder} and extract cifar-10-python.tar.gz again, or set "
+                "datamodule.download=true on a machine with internet access.")
+
+
+def load_cifar10_split(data_dir: str, split: str, image_size: int, download: bool = False,
+                       val_size: int = 5000) -> Dataset:
+    """CIFAR-10 from torchvision's python-pickle batches (50k train / 10k test), each file checked
+    against its published MD5 first (:func:`verify_cifar10`)."""
+    import torchvision.datasets as tvd
 
     root = Path(data_dir)
-    hint = (f"Extract cifar-10-python.tar.gz so that {root / 'cifar-10-batches-py'} holds "
-            f"data_batch_1..5 and test_batch.")
-    ds = _torchvision_call(lambda download: _CIFAR10(str(root), train=split != "test", download=download),
-                           "cifar10", root, download, hint)
+    folder = root / tvd.CIFAR10.base_folder
+    if download and not all((folder / name).is_file() for name, _ in cifar10_published_files()):
+        hint = f"Extract cifar-10-python.tar.gz so that {folder} holds data_batch_1..5 and test_batch."
+        _torchvision_call(lambda download: tvd.CIFAR10(str(root), train=True, download=download),
+                          "cifar10", root, download, hint)
+    verify_cifar10(folder)
+    ds = tvd.CIFAR10(str(root), train=split != "test", download=False)
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
     labels = torch.as_tensor(ds.targets)
     if split != "test":
@@ -288,7 +302,7 @@ def load_downsampled_imagenet(folder: Path, split: str, image_size: int) -> tupl
                                    "image folders train/<class>/ and val/<class>/ with datamodule.options.layout=folders")
     images, labels = [], []
     for f in files:
-        with np.load(f) as data:
+        with np.load(f, allow_pickle=False) as data:  # arrays only, never a pickle
             flat, y = data["data"], data["labels"]
         side = int(round((flat.shape[1] / 3) ** 0.5))
         if flat.dtype != np.uint8 or 3 * side * side != flat.shape[1]:

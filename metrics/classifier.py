@@ -2,15 +2,15 @@
 
 FID/IS/PR "in its own feature space" (as e.g. MNIST-FID with a LeNet): fast on CPU, with logits.
 Cached under ``<cache_dir>/classifiers/<key>.pt`` with key = hash(dataset, image size,
-architecture, seed, epochs); the file records its test accuracy.
+architecture, seed, epochs); the file records its test accuracy. It is read with
+``weights_only=True`` (a cache folder may be shared with others) and built once by concurrent jobs
+(metrics/cache_files.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from metrics.cache_files import atomic_write, load_or_build
 from metrics.extractors import FeatureExtractor
+from models.checkpoints import CheckpointError, safe_torch_load
 
 log = logging.getLogger(__name__)
 ARCH = "cnn3-128-v1"
@@ -94,15 +96,15 @@ class ClassifierExtractor(FeatureExtractor):
         return {"pool": feats, "logits": logits}
 
 
-def _load_cached(path: Path) -> dict | None:
+def _load_cached(path: Path) -> dict:
+    """The cached classifier's fields; ValueError (so it is rebuilt) on a corrupt, foreign or unsafe file."""
     try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        if not {"state_dict", "test_accuracy", "channels", "num_classes"} <= set(blob):
-            raise ValueError("missing fields")
-        return blob
-    except Exception as err:  # truncated or foreign file
-        log.warning("classifier cache %s is corrupt (%s): retraining it", path, err)
-        return None
+        blob = safe_torch_load(path, "classifier cache entry")
+    except CheckpointError as err:  # truncated, foreign, or a pickle that would run code
+        raise ValueError(str(err)) from err
+    if not isinstance(blob, dict) or not {"state_dict", "test_accuracy", "channels", "num_classes"} <= set(blob):
+        raise ValueError("missing fields")
+    return blob
 
 
 #: the classifier sees about this many training images (at most MAX_EPOCHS epochs): 50 epochs of
@@ -125,22 +127,17 @@ def load_or_train_classifier(datamodule, cache_dir: str | Path, seed: int = 0,
         epochs = default_epochs(len(datamodule.split("train")))
     key = cache_key(datamodule.name, datamodule.image_size, datamodule.channels, datamodule.num_classes, seed, epochs)
     path = Path(cache_dir) / "classifiers" / f"{datamodule.name}-{key}.pt"
-    blob = _load_cached(path) if path.is_file() else None
-    if blob is None:
+
+    def build() -> dict:
         log.info("training the %s feature classifier for %s (cached at %s)", ARCH, datamodule.name, path)
         net, acc = train_classifier(datamodule.split("train"), datamodule.split("test"),
                                     datamodule.channels, datamodule.num_classes, epochs, seed)
-        blob = {"state_dict": net.state_dict(), "test_accuracy": acc, "channels": datamodule.channels,
-                "num_classes": datamodule.num_classes, "arch": ARCH, "dataset": datamodule.name}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(blob, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
         log.info("classifier test accuracy %.4f", acc)
+        return {"state_dict": net.state_dict(), "test_accuracy": acc, "channels": datamodule.channels,
+                "num_classes": datamodule.num_classes, "arch": ARCH, "dataset": datamodule.name}
+
+    blob, _ = load_or_build(path, _load_cached, build, lambda p, b: atomic_write(p, lambda f: torch.save(b, f)),
+                            "classifier cache entry")
     net = SmallCNN(blob["channels"], blob["num_classes"])
     net.load_state_dict(blob["state_dict"])
     return ClassifierExtractor(net, key, float(blob["test_accuracy"]))

@@ -15,6 +15,11 @@ class ImageSetError(ValueError):
     pass
 
 
+#: .npz files are read as plain arrays: an object array would be a pickle, which can run code
+PICKLE_HINT = ("; genbench reads .npz files without pickles (an object array can execute code when loaded): "
+               "save plain numeric arrays, e.g. np.savez(path, arr_0=np.asarray(images, dtype=np.uint8))")
+
+
 def load_folder(folder: Path) -> torch.Tensor:
     from datamodules.datasets import IMAGE_EXTENSIONS, list_image_files
 
@@ -54,21 +59,21 @@ def _npz_check(path: Path, arr: np.ndarray) -> None:
 
 def load_npz(path: Path) -> torch.Tensor:
     try:
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             if "arr_0" not in data:
                 raise ImageSetError(f"{path} has no 'arr_0' array (guided-diffusion format: uint8 NHWC); keys: {list(data)}")
             arr = data["arr_0"]
     except (OSError, ValueError) as err:
         if isinstance(err, ImageSetError):
             raise
-        raise ImageSetError(f"cannot read {path}: {err}") from err
+        raise ImageSetError(f"cannot read {path}: {err}{PICKLE_HINT if 'allow_pickle' in str(err) else ''}") from err
     _npz_check(path, arr)
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
 def npz_labels(path: Path) -> torch.Tensor | None:
     """``arr_1`` (the samples' classes) of an .npz, if it has one."""
-    with np.load(path) as data:
+    with np.load(path, allow_pickle=False) as data:
         return torch.from_numpy(data["arr_1"].astype(np.int64)) if "arr_1" in data.files else None
 
 
@@ -76,13 +81,13 @@ def npz_statistics(path: Path) -> dict[str, torch.Tensor] | None:
     """The precomputed reference statistics of an ADM reference batch (``mu, sigma`` and, for sFID,
     ``mu_s, sigma_s``) as float64, read without touching its images; None when it has none."""
     try:
-        with np.load(path) as data:
+        with np.load(path, allow_pickle=False) as data:
             if not {"mu", "sigma"} <= set(data.files):
                 return None
             stats = {k: torch.from_numpy(np.asarray(data[k], dtype=np.float64)) for k in ("mu", "sigma", "mu_s", "sigma_s")
                      if k in data.files}
     except (OSError, ValueError) as err:
-        raise ImageSetError(f"cannot read {path}: {err}") from err
+        raise ImageSetError(f"cannot read {path}: {err}{PICKLE_HINT if 'allow_pickle' in str(err) else ''}") from err
     for mu, sigma in (("mu", "sigma"), ("mu_s", "sigma_s")):
         if (mu in stats) != (sigma in stats):
             raise ImageSetError(f"{path} has {mu if mu in stats else sigma} without "
@@ -110,22 +115,14 @@ def npz_count(path: Path) -> int | None:
 def save_npz(path: Path, images: torch.Tensor, labels: torch.Tensor | None = None) -> Path:
     """uint8 NCHW images (and their labels) as an ADM-format .npz (arr_0 NHWC, arr_1), written to a
     temporary file and renamed into place."""
-    import os
-    import tempfile
+    from metrics.cache_files import atomic_write
 
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ImageSetError(f"samples must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
     arrays = {"arr_0": images.permute(0, 2, 3, 1).contiguous().numpy()}
     if labels is not None:
         arrays["arr_1"] = labels.cpu().numpy().astype(np.int64)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
 
 

@@ -3,16 +3,14 @@
 Key = sha256 of {dataset, split, N, image shape, extractor weights and preprocessing}. The file
 (``<cache_dir>/reference/<dataset>-<split>-<extractor>-<key>.npz``) stores the key's spec too; a
 file that fails to load, does not match its spec or holds non-finite numbers is rebuilt with a
-warning, never used. Writes go to a temporary file renamed into place.
+warning, never used. The file is plain arrays (read with ``allow_pickle=False``); concurrent jobs
+build one entry under a file lock and write it whole (metrics/cache_files.py).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
-import tempfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from metrics.cache_files import CacheWarning, atomic_write, load_or_build
 from metrics.distributed import is_distributed, rank_and_world
 from metrics.feature_metrics import mean_and_covariance
 
@@ -30,8 +29,8 @@ log = logging.getLogger(__name__)
 REAL_IMAGE_PASSES = {"count": 0}
 
 
-class ReferenceCacheWarning(UserWarning):
-    pass
+#: an invalid reference cache entry (or an interrupted build) is rebuilt with this warning
+ReferenceCacheWarning = CacheWarning
 
 
 @dataclass
@@ -66,26 +65,18 @@ def cache_path(cache_dir: str | Path, spec: dict) -> Path:
 
 
 def _save(path: Path, stats: ReferenceStats) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            extra = {} if stats.labels is None else {"labels": stats.labels.numpy()}
-            if stats.spatial_mu is not None:
-                extra.update(spatial_mu=stats.spatial_mu.numpy(), spatial_sigma=stats.spatial_sigma.numpy())
-            np.savez(f, mu=stats.mu.numpy(), sigma=stats.sigma.numpy(), features=stats.features.numpy(),
-                     spec=np.array(json.dumps(stats.spec, sort_keys=True)), **extra)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    extra = {} if stats.labels is None else {"labels": stats.labels.numpy()}
+    if stats.spatial_mu is not None:
+        extra.update(spatial_mu=stats.spatial_mu.numpy(), spatial_sigma=stats.spatial_sigma.numpy())
+    atomic_write(path, lambda f: np.savez(f, mu=stats.mu.numpy(), sigma=stats.sigma.numpy(),
+                                          features=stats.features.numpy(),
+                                          spec=np.array(json.dumps(stats.spec, sort_keys=True)), **extra))
 
 
 def _load(path: Path, spec: dict) -> ReferenceStats:
     """Load and validate; raises ValueError naming what is wrong."""
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with np.load(path, allow_pickle=False) as data:  # arrays only, never a pickle
             stored = json.loads(str(data["spec"]))
             mu, sigma, feats = (torch.from_numpy(data[k].copy()) for k in ("mu", "sigma", "features"))
             labels = torch.from_numpy(data["labels"].copy()).long() if "labels" in data.files else None
@@ -143,22 +134,16 @@ def load_or_compute_reference(extractor, dataset: Dataset, dataset_name: str, sp
     path = cache_path(cache_dir, spec)
     rank, _ = rank_and_world()
     computed = False
+
+    def build() -> ReferenceStats:
+        log.info("computing reference features: %d %s/%s images with %s", n, dataset_name, split, spec["extractor"]["extractor"])
+        feats, labels, spatial = extract_dataset_features(extractor, dataset, n, batch_size, torch.device(device))
+        mu = feats.double().mean(0)
+        xc = feats.double() - mu
+        return ReferenceStats(mu, xc.T @ xc / (n - 1), feats, spec, labels, *(spatial or (None, None)))
+
     if rank == 0:
-        stats = None
-        if path.is_file():
-            try:
-                stats = _load(path, spec)
-            except ValueError as err:
-                warnings.warn(f"reference cache {path} is invalid ({err}); rebuilding it", ReferenceCacheWarning)
-                log.warning("reference cache %s is invalid (%s); rebuilding it", path, err)
-        if stats is None:
-            log.info("computing reference features: %d %s/%s images with %s", n, dataset_name, split, spec["extractor"]["extractor"])
-            feats, labels, spatial = extract_dataset_features(extractor, dataset, n, batch_size, torch.device(device))
-            mu = feats.double().mean(0)
-            xc = feats.double() - mu
-            stats = ReferenceStats(mu, xc.T @ xc / (n - 1), feats, spec, labels, *(spatial or (None, None)))
-            _save(path, stats)
-            computed = True
+        stats, computed = load_or_build(path, lambda p: _load(p, spec), build, _save, "reference cache")
     if is_distributed():
         torch.distributed.barrier()
     if rank != 0:

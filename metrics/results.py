@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,23 +36,15 @@ def _jsonable(value: Any) -> Any:
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to a temporary file in the same folder, fsync, then rename over ``path``:
     readers see the old file or the new one, never a half-written one."""
+    from metrics.cache_files import atomic_write
+
     path = Path(path)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        atomic_write(path, lambda f: f.write(text.encode()))
     except OSError as err:
-        raise ResultsWriteError(f"cannot write {path}: {err.strerror or err}. Check that the output "
-                                "folder exists, is writable and has free space.") from err
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
         raise ResultsWriteError(f"cannot write {path}: {err.strerror or err}. The previous file, if any, "
-                                "is intact; free disk space or fix permissions and re-run.") from err
+                                "is intact; check that the output folder is writable and has free space, "
+                                "then re-run.") from err
 
 
 def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:

@@ -48,10 +48,12 @@ class TrainedModule(TrainingLoopMixin, ExactResumeMixin, pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.raise_on_nonfinite_loss()  # never write a diverged model
         checkpoint["genbench_config"] = self.run_config
+        checkpoint["genbench_batches_started"] = self.batches_started
         checkpoint.update(self.resume_state())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.run_config = checkpoint.get("genbench_config", self.run_config)
+        self.batches_started = int(checkpoint.get("genbench_batches_started", self.batches_started))
         self.load_resume_state(checkpoint)
 
 

@@ -1,7 +1,17 @@
-"""Checking a checkpoint file before anything is built from it."""
+"""Reading a checkpoint file safely, and rebuilding a module from it.
+
+Checkpoints may come from someone else (a reviewer evaluates other people's runs), and a pickle can
+run any code while it is read. Every checkpoint genbench reads therefore goes through
+:func:`read_checkpoint`, which uses ``torch.load(weights_only=True)``: tensors, containers and
+primitive values only. genbench's own checkpoints hold nothing else (the run config is a plain dict,
+the RNG state plain tensors: models/rng.py), so no allow-list is needed. Lightning's resume path is
+given ``weights_only=True`` too (scripts/train.py).
+"""
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -10,32 +20,109 @@ class CheckpointError(RuntimeError):
     """A checkpoint that was asked for cannot be used."""
 
 
-def check_checkpoint(path: Path) -> Path:
-    """Fail early, with the fix, on a missing or unreadable checkpoint."""
+class UnsafeFileError(CheckpointError):
+    """A file whose loading would execute code it carries (a pickle that is not plain data)."""
+
+
+def safe_torch_load(path: Path, what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)``: plain tensors and containers, never code.
+
+    A file that needs more (a pickled class or function: it would run code while loading) raises
+    :class:`UnsafeFileError` naming the file and the fix; any other unreadable file raises
+    :class:`CheckpointError`. Memory-mapped, so checking a large checkpoint costs no RAM."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:  # torch's weights-only unpickler refused a global
+        reason = str(err).strip().splitlines()
+        detail = next((line.strip() for line in reason if "GLOBAL" in line or "Unsupported" in line), reason[0] if reason else "")
+        detail = detail.split(" was not an allowed global")[0].split(". Please")[0]  # not torch's advice to allow it
+        raise UnsafeFileError(
+            f"{what} {path} was refused: loading it would execute code stored in the file ({detail}). genbench "
+            "loads files with torch.load(weights_only=True), which admits tensors, containers and numbers only. "
+            "If the file comes from someone else, ask them for a checkpoint written by genbench's scripts/train.py; "
+            "if you made it yourself and trust it, re-save only its tensors (torch.save of a dict of state dicts)"
+        ) from err
+    except Exception as err:  # truncated zip, not a torch file, ...
+        raise CheckpointError(f"{what} {path} is corrupt or not a torch file ({type(err).__name__}: {err}); delete "
+                              "it and use an earlier one (e.g. another file in the same checkpoints/ folder), or "
+                              "pass ckpt_path=null to start fresh") from err
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint dict of ``path``, read without executing code; refused with the fix when
+    missing, unreadable, unsafe or not a Lightning training checkpoint."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass ckpt_path=null to start fresh "
                               "or point ckpt_path to an existing .ckpt file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated zip, pickle errors, ...
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({type(err).__name__}: {err}); "
-                              "delete it and resume from an earlier one in the same folder, or pass ckpt_path=null") from err
+    ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"{path} holds no Lightning state_dict; it is not a training checkpoint")
-    return path
+    return ckpt
+
+
+def check_checkpoint(path: Path) -> Path:
+    """Fail early, with the fix, on a missing, unreadable or unsafe checkpoint (see :func:`read_checkpoint`)."""
+    read_checkpoint(path)
+    return Path(path)
+
+
+#: where the classes a stored run config may name live: genbench's own modules and torch's
+#: optimizers. A checkpoint's config is data from someone else; instantiating it must not reach
+#: anything else (``_target_: os.system`` would run a command).
+STORED_TARGET_PREFIXES = ("models.", "datamodules.", "torch.optim.")
+
+
+def stored_targets(node: Any, where: str = "") -> list[tuple[str, str]]:
+    """(config path, ``_target_``) of every object a stored config would instantiate."""
+    found = []
+    if isinstance(node, dict):
+        if "_target_" in node:
+            found.append((where or "<root>", str(node["_target_"])))
+        for key, value in node.items():
+            found += stored_targets(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            found += stored_targets(value, f"{where}[{i}]")
+    return found
+
+
+def check_stored_targets(path: Path, sections: dict[str, Any]) -> None:
+    """Refuse a stored config that would instantiate anything but a genbench class or a torch
+    optimizer. The prefix is checked before anything is imported; the located object must then be a
+    class defined under that prefix (``models.base.torch.load`` passes the prefix but not this)."""
+    from hydra.utils import get_object
+
+    for where, target in stored_targets(sections):
+        ok = target.startswith(STORED_TARGET_PREFIXES)
+        if ok:
+            try:
+                obj = get_object(target)
+            except Exception:
+                obj = None
+            ok = isinstance(obj, type) and obj.__module__.startswith(
+                tuple(p.rstrip(".") for p in STORED_TARGET_PREFIXES))
+        if not ok:
+            raise UnsafeFileError(
+                f"{path} was refused: its stored run config would instantiate {target!r} (at {where}), which is not a "
+                f"genbench class or a torch optimizer (allowed: {', '.join(p + '*' for p in STORED_TARGET_PREFIXES)}). "
+                "A checkpoint written by genbench's scripts/train.py never names one; do not use this file")
 
 
 def load_module(ckpt_path: str | Path, device: torch.device | str = "cpu"):
     """(module in eval mode, run config, checkpoint dict) rebuilt from a checkpoint that
-    scripts/train.py wrote: the stored run config builds the module, the state dict fills it."""
+    scripts/train.py wrote: the stored run config builds the module, the state dict fills it.
+    The stored model and datamodule configs may name genbench classes and torch optimizers only
+    (:func:`check_stored_targets`)."""
     import hydra
     from omegaconf import OmegaConf
 
-    path = check_checkpoint(Path(ckpt_path))
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    path = Path(ckpt_path)
+    ckpt = read_checkpoint(path)
     run_config = ckpt.get("genbench_config")
-    if not run_config:
+    if not run_config or not isinstance(run_config, dict):
         raise CheckpointError(f"{path} carries no genbench run config; it was not written by scripts/train.py")
+    check_stored_targets(path, {key: run_config.get(key) for key in ("model", "datamodule")})
     cfg = OmegaConf.create(run_config)
     module = hydra.utils.instantiate(cfg.model)
     module.load_state_dict(ckpt["state_dict"])

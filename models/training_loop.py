@@ -35,6 +35,13 @@ class TrainingLoopMixin:
         self._logging_step = True
         #: per loss name, (step, loss on the device) of the steps since the last NaN check
         self._unchecked_losses: dict[str, list[tuple[int, Tensor]]] = {}
+        #: training batches started in this run, across epochs and resumes (stored in checkpoints);
+        #: counted here because Lightning's own count lives in its loops, which are not public API
+        self.batches_started = 0
+
+    def on_train_batch_start(self, batch, batch_idx: int):
+        self.batches_started += 1
+        return super().on_train_batch_start(batch, batch_idx)
 
     def is_logging_step(self) -> bool:
         """The steps on which training scalars are logged and the NaN check synchronises: the
@@ -44,7 +51,7 @@ class TrainingLoopMixin:
         trainer = attached_trainer(self)
         if trainer is None:
             return True
-        batch = trainer.fit_loop.total_batch_idx
+        batch = self.batches_started - 1                      # this batch's index in the run
         key = (id(trainer), batch)
         if self._logging_step_key != key:
             every = max(int(trainer.log_every_n_steps), 1)

@@ -169,7 +169,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             for logger in loggers:
                 logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             start = time.perf_counter()
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+            # weights_only=True: a checkpoint to resume from may come from someone else (models/checkpoints.py)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
         summary = run_summary(cfg, model, trainer, evaluation, compute)
         summary["status"] = "ok"
     except BaseException as err:

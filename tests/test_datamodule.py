@@ -1,5 +1,6 @@
 """The shared datamodule and every dataset loader, on files the tests write in the real formats."""
 import pickle
+from pathlib import Path
 import struct
 
 import numpy as np
@@ -112,9 +113,8 @@ def test_mnist_loaders_read_idx_files(tmp_path, name, folder):
     assert len(train) == 50 and len(val) == 10 and train[0][0].shape == (1, 32, 32)
 
 
-def test_cifar10_loader_reads_python_batches(tmp_path):
-    base = tmp_path / "cifar-10-batches-py"
-    base.mkdir()
+def _write_cifar_batches(base: Path) -> dict:
+    base.mkdir(parents=True)
     rng = np.random.default_rng(0)
     batches = {}
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
@@ -124,10 +124,50 @@ def test_cifar10_loader_reads_python_batches(tmp_path):
             pickle.dump({"data": data, "labels": list(range(4))}, f)
     with open(base / "batches.meta", "wb") as f:
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, f)
+    return batches
+
+
+def _publish_md5s_of(base: Path, monkeypatch) -> None:
+    """Stand-in files get "published" checksums: torchvision's public class attributes, which both
+    torchvision and genbench read."""
+    import hashlib
+
+    import torchvision.datasets as tvd
+
+    md5 = {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in base.iterdir()}
+    monkeypatch.setattr(tvd.CIFAR10, "train_list", [[f"data_batch_{i}", md5[f"data_batch_{i}"]] for i in range(1, 6)])
+    monkeypatch.setattr(tvd.CIFAR10, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(tvd.CIFAR10, "meta", {**tvd.CIFAR10.meta, "md5": md5["batches.meta"]})
+
+
+def test_cifar10_loader_reads_python_batches_after_checking_their_md5(tmp_path, monkeypatch):
+    batches = _write_cifar_batches(tmp_path / "cifar-10-batches-py")
+    _publish_md5s_of(tmp_path / "cifar-10-batches-py", monkeypatch)
     test = load_split("cifar10", tmp_path, "test", 32)
     assert len(test) == 4
     torch.testing.assert_close(test[1][0], torch.from_numpy(batches["test_batch"][1].reshape(3, 32, 32) / 255.0).float())
     assert len(load_split("cifar10", tmp_path, "train", 32, val_size=2)) == 18
+
+
+def test_cifar10_files_that_are_not_the_published_ones_are_refused_before_unpickling(tmp_path):
+    """Against torchvision's real published MD5s: stand-in batches, and a crafted pickle that would
+    create a file when loaded, are refused naming the file; the crafted pickle never runs."""
+    from datamodules.datasets import DatasetChecksumError
+
+    base = tmp_path / "cifar-10-batches-py"
+    _write_cifar_batches(base)
+    with pytest.raises(DatasetChecksumError, match=r"data_batch_1 does not match its published MD5.*extract"):
+        load_split("cifar10", tmp_path, "train", 32)
+    marker = tmp_path / "pwned"
+
+    class Crafted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (base / "data_batch_1").write_bytes(pickle.dumps(Crafted()))
+    with pytest.raises(DatasetChecksumError, match="data_batch_1"):
+        load_split("cifar10", tmp_path, "test", 32)
+    assert not marker.exists()
 
 
 def test_celeba64_center_crops_and_uses_the_partition_file(tmp_path):
