@@ -26,6 +26,7 @@ from metrics.report import run_filter_keys
 from metrics.results import RESULTS_FILE, write_json
 from models.checkpoints import CheckpointError, check_checkpoint  # noqa: F401  (re-exported)
 from models.compute import COMPUTE_FILE, ComputeTracker
+from models.config_checks import check_model_optimizers
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             torch.set_num_threads(int(cfg.num_threads))
         pl.seed_everything(cfg.seed, workers=True)
         # Everything that can fail on bad config is built before any training work starts.
+        check_model_optimizers(OmegaConf.to_container(cfg.model, resolve=True))
         datamodule = hydra.utils.instantiate(cfg.datamodule)
         check_conditioning(cfg.model.get("num_classes"), datamodule)
         model = hydra.utils.instantiate(cfg.model)

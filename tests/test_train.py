@@ -179,3 +179,18 @@ def test_ddp_relaunching_the_script_under_a_multirun_keeps_one_directory_per_job
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = _job_results(tmp_path / "sweep", 2)
     assert [r["model"] for r in results] == ["ddpm", "gan"]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.optimizer.lr=fast", r"model.optimizer.lr='fast' \(str\): Adam's lr must be a number, e.g. model.optimizer.lr="),
+    ("+model.optimizer.betas=[0.9]", r"model.optimizer.betas=\[0.9\] .*must be a list of 2 numbers"),
+    ("model.optimizer.lr=-1", r"model.optimizer: Adam refuses these settings \(Invalid learning rate: -1"),
+    ("+model.optimizer.momentum=0.9", r"model.optimizer.momentum is not an option of Adam"),
+])
+def test_a_wrongly_typed_optimizer_value_is_refused_before_any_work(tmp_path, smoke_overrides, override, message):
+    from models.config_checks import ConfigValueError
+    from scripts.train import train
+
+    with pytest.raises(ConfigValueError, match=message):
+        train(compose_train([*smoke_overrides, override], tmp_path))
+    assert not (tmp_path / "checkpoints").exists()
