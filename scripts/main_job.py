@@ -25,11 +25,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from multiprocessing import get_context
 from pathlib import Path
+from typing import Callable
 
 from metrics.plots import final_grid, plot_fid_vs_nfe, plot_fid_vs_step, plot_precision_recall, plot_sample_grids
 from metrics.report import build_table, collect_local, sampler_text, to_markdown, write_table
@@ -43,6 +45,8 @@ PARTS = {"unconditional": "digits_matched_{}", "conditional": "digits_cond_{}"}
 MATCHED_PRESET = PARTS["unconditional"]
 BUDGET_FLOPS = 0.3e12
 CLASSIFIER_PRESET = "digits_noisy_classifier"
+#: the main job's extra overrides that also apply to the noise-aware classifier
+CLASSIFIER_OVERRIDES = ("paths.", "logger", "trainer.max_steps")
 #: classifier guidance of the conditional DDPMs' table row (ADM's scale for conditional models)
 CLASSIFIER_SCALE = 1.0
 #: the guidance sweeps on the seed-0 conditional DDPM (Dhariwal & Nichol 2021 Table 4 / Figure 4 shape)
@@ -219,15 +223,73 @@ def run_parallel(tasks: list[tuple], jobs: int) -> list:
         return [f.result() for f in futures]
 
 
-def train_classifier(out: Path, extra: list[str]) -> subprocess.Popen:
-    """The noise-aware classifier (one seed), trained by scripts/train.py in the background."""
-    cmd = [sys.executable, "scripts/train.py", f"experiment={CLASSIFIER_PRESET}", f"hydra.run.dir={out}",
-           "callbacks.progress_bar=null", "num_threads=1", f"task_name={wandb_group(out.parent)}",
-           *[o for o in extra if o.startswith(("paths.", "logger"))]]
-    out.mkdir(parents=True, exist_ok=True)
-    log = open(out.parent / "classifier.log", "a")
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def cached_noisy_classifier(out: Path, extra: list[str]) -> Path:
+    """The noise-aware classifier's checkpoint, an entry of the shared cache
+    (``<cache_dir>/noisy_classifiers/<preset>-<key>.ckpt``, key = hash of its composed model, data,
+    trainer and seed). When absent it is trained once by scripts/train.py (one seed, into
+    ``out``), however many jobs ask for it at the same time (metrics/cache_files.py)."""
+    import hashlib
+
+    from omegaconf import OmegaConf
+
+    from metrics.cache_files import atomic_write, load_or_build
+    from models.checkpoints import CheckpointError, read_checkpoint
+
+    overrides = [f"experiment={CLASSIFIER_PRESET}", *[o for o in extra if o.startswith(CLASSIFIER_OVERRIDES)]]
+    # the key is composed with a fixed run dir: where a job writes is no part of what is trained
+    cfg = compose_config("train", overrides, Path("run"))
+    spec = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "datamodule", "trainer")}
+    spec["seed"] = int(cfg.seed)
+    spec["datamodule"].pop("data_dir", None)
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    entry = Path(cfg.paths.cache_dir) / "noisy_classifiers" / f"{CLASSIFIER_PRESET}-{key}.ckpt"
+
+    def load(path: Path) -> Path:
+        try:
+            read_checkpoint(path)
+        except CheckpointError as err:
+            raise ValueError(str(err)) from err
+        return path
+
+    def build() -> Path:
+        cmd = [sys.executable, "scripts/train.py", *overrides, f"hydra.run.dir={out}", "callbacks.progress_bar=null",
+               "num_threads=1", f"task_name={wandb_group(out.parent)}"]
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out.parent / "classifier.log", "a") as log:
+            code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        trained = out / "checkpoints" / "last.ckpt"
+        if code != 0 or not trained.is_file():
+            raise RuntimeError(f"training the noise-aware classifier failed (exit {code}; log: {out.parent / 'classifier.log'})")
+        return trained
+
+    def save(path: Path, trained: Path) -> None:
+        atomic_write(path, lambda f: f.write(trained.read_bytes()))
+
+    load_or_build(entry, load, build, save, "noise-aware classifier")
+    return entry
+
+
+def noisy_classifier_in_background(out: Path, extra: list[str]) -> Callable[[], Path | None]:
+    """Start :func:`cached_noisy_classifier` beside the other caches; the returned function waits
+    for it and gives its checkpoint, or None (with the reason printed) if it failed."""
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            result["ckpt"] = cached_noisy_classifier(out, extra)
+        except Exception as err:  # the job goes on without classifier guidance
+            result["error"] = err
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+
+    def wait() -> Path | None:
+        thread.join()
+        if "error" in result:
+            print(f"  the noise-aware classifier failed ({result['error']}); no classifier guidance", flush=True)
+        return result.get("ckpt")
+    return wait
 
 
 def guidance_label(results: dict) -> str:
@@ -268,7 +330,7 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str
     conditional = "conditional" in parts and guidance and profile["guidance"]
     stage("caches: the classifier extractor and the real-image statistics (once per cache dir)"
           + (", the noise-aware classifier beside them" if conditional else ""), start)
-    classifier_job = train_classifier(out / "classifier", extra) if conditional else None
+    classifier_job = noisy_classifier_in_background(out / "classifier", extra) if conditional else None
     prepare_caches(["classifier", "inception_pool"], [*profile["caches"], *extra])
     experiments = [p.format(f) for p in parts.values() if "{}" in p for f in families]
     shared = [p for p in parts.values() if "{}" not in p]
@@ -285,13 +347,10 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str
 
     tasks, labels = [], []
     cond0 = seed0_ddpm("conditional")
-    classifier_ckpt = out / "classifier" / "checkpoints" / "last.ckpt"
+    classifier_ckpt = None
     if classifier_job is not None:
         stage("waiting for the noise-aware classifier", start)
-        if classifier_job.wait() != 0 or not classifier_ckpt.is_file():
-            print(f"  the noise-aware classifier failed (log: {out / 'classifier.log'}); no classifier guidance",
-                  flush=True)
-            classifier_ckpt = None
+        classifier_ckpt = classifier_job()
     if conditional and cond0 is not None:
         for guidance_kind in SWEEPS:
             if guidance_kind == "classifier_free" or classifier_ckpt is not None:

@@ -116,3 +116,37 @@ def test_a_writer_killed_halfway_leaves_no_entry_and_the_next_run_rebuilds_with_
     again, computed = load_or_compute_reference(extractor, load_split("digits", "", "train", 8), "digits", "train",
                                                 50, (1, 8, 8), cache)
     assert not computed
+
+
+#: a main job's request for the noise-aware classifier (scripts/main_job.py), after the start signal
+NOISY_CLASSIFIER_JOB = r"""
+import sys, time
+from pathlib import Path
+from scripts.main_job import cached_noisy_classifier
+
+cache, go, out = (Path(a) for a in sys.argv[1:4])
+while not go.exists():
+    time.sleep(0.01)
+print("ENTRY", cached_noisy_classifier(out, [f"paths.cache_dir={cache}", "logger=csv", "trainer.max_steps=3"]))
+"""
+
+
+def test_two_main_jobs_train_the_noise_aware_classifier_once_and_share_it(tmp_path):
+    from models.checkpoints import load_module
+
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    runs = [tmp_path / f"job{i}" / "classifier" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", NOISY_CLASSIFIER_JOB, str(cache), str(go), str(run)], cwd=ROOT,
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for run in runs]
+    time.sleep(3.0)
+    go.touch()
+    entries = []
+    for proc in procs:
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, output
+        entries.append(next(line.split(" ", 1)[1] for line in output.splitlines() if line.startswith("ENTRY ")))
+    assert entries[0] == entries[1] and Path(entries[0]).parent == cache / "noisy_classifiers"
+    trained = [run for run in runs if (run / "checkpoints" / "last.ckpt").is_file()]
+    assert len(trained) == 1, trained                               # one training run, one entry
+    module, _, _ = load_module(entries[0])
+    assert module.family == "noisy_classifier"
