@@ -73,6 +73,11 @@ class DDPM(GenerativeModule):
                 f"model.diffusion.variance={diffusion.variance!r} but the network has learn_sigma="
                 f"{getattr(net, 'learn_sigma', False)}: learned variances need both variance=learned_range and "
                 "model.net.learn_sigma=true (Improved DDPM), fixed ones neither")
+        if diffusion.learned_variance and diffusion.loss == "simple":
+            raise ValueError(
+                "model.diffusion.variance=learned_range with model.diffusion.loss=simple: L_simple gives the variance "
+                "output v no gradient, so the run would report learned variances it never learned; set "
+                "model.diffusion.loss=hybrid (Improved DDPM's L_hybrid) or use a fixed variance")
         self.label_dropout = float(label_dropout)
         self.save_hyperparameters(ignore=["net", "diffusion", "optimizer"], logger=False)
         self.net, self.diffusion, self.optimizer_factory = net, diffusion, optimizer

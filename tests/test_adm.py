@@ -208,7 +208,7 @@ def test_classifier_free_guidance_guides_eps_and_keeps_the_conditional_variance(
             label = y.float().reshape(-1, 1, 1, 1).expand_as(x)
             return torch.cat([label, label / 10], 1)          # eps = y, v = y / 10
 
-    model = DDPM(Net(), GaussianDiffusion(10, "cosine", variance="learned_range"), lambda p: None, (1, 2, 2),
+    model = DDPM(Net(), GaussianDiffusion(10, "cosine", variance="learned_range", loss="hybrid"), lambda p: None, (1, 2, 2),
                  num_classes=3, label_dropout=0.1, ema_decay=0.0)
     model.ema.shadow = Net()
     out = model.guided_eps_model(torch.tensor([1, 2]), 2.0)(torch.zeros(2, 1, 2, 2), torch.zeros(2, dtype=torch.long))
@@ -249,3 +249,45 @@ def test_ablation_reruns_an_interrupted_run_and_tabulates_mean_and_std(tmp_path)
     assert "| a | 0.70M | 2.000 +- 1.000 | 5.0000 +- 0.1414 |" in markdown(result)
     with pytest.raises(ValueError, match="unknown variance variants"):
         run_ablation("variance", tmp_path / "out", [0], 10, 1, 0, [], only=["no such variant"])
+
+
+def test_learned_variances_trained_by_l_simple_are_refused():
+    """v gets no gradient from L_simple: the run would report variances it never learned."""
+    from models.ddpm import DDPM
+
+    learned = UNet(1, 8, 16, (1, 2), 1, (4,), 0.0, 16, learn_sigma=True)
+    with pytest.raises(ValueError, match="learned_range with model.diffusion.loss=simple.*loss=hybrid"):
+        DDPM(learned, GaussianDiffusion(10, "cosine", variance="learned_range"), lambda p: None, (1, 8, 8))
+
+
+def test_a_respaced_process_keeps_its_schedules_name():
+    base = GaussianDiffusion(100, "cosine")
+    assert base.respace(10).schedule == "cosine" and base.respace(10, "logsnr").schedule == "cosine"
+
+
+def test_hybrid_training_vlb_uses_the_unclipped_x0_prediction():
+    """improved-diffusion's training L_vlb is computed from the unclipped x^_0: the training loss is
+    the same whether the process clips for sampling or not, and equals the unclipped vb term."""
+    class Far(torch.nn.Module):      # eps far off: x^_0 lies well outside [-1, 1], so clipping would matter
+        learn_sigma = True
+
+        def forward(self, x, t):
+            return torch.cat([torch.full_like(x, -30.0), torch.zeros_like(x)], 1)
+
+    x0 = torch.rand(4, 1, 4, 4) * 2 - 1
+    losses = []
+    for clip in (True, False):
+        process = GaussianDiffusion(50, "cosine", variance="learned_range", loss="hybrid", clip_denoised=clip)
+        losses.append(process.training_loss(Far(), x0, torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(losses[0], losses[1])
+    process = GaussianDiffusion(50, "cosine", variance="learned_range", loss="hybrid", clip_denoised=True)
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randint(0, 50, (4,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    x_t = process.q_sample(x0, t, noise)
+    eps, v = process.model_output(Far(), x_t, t)
+    unclipped = process.vb_terms_of(x0, x_t, t, process.mean_variance_of(eps, v, x_t, t, clip=False))
+    clipped = process.vb_terms_of(x0, x_t, t, process.mean_variance_of(eps, v, x_t, t, clip=True))
+    simple = (eps - noise).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(losses[0], simple + 0.001 * 50 * unclipped)
+    assert not torch.allclose(clipped, unclipped)        # the case where the two differ

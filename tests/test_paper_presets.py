@@ -89,9 +89,9 @@ def run_stage(preset: str, out: Path, stage: str) -> dict:
     extra = [] if stage == "steps" else [f"ckpt_path={first / 'checkpoints' / 'step0000001.ckpt'}"]
     cfg = compose_train([*overrides(preset, out, 2), *extra], out)
     with open_dict(cfg):
-        if cfg.model.get("sampler") is not None and "steps" in cfg.model.sampler:   # a diffusion sampler
-            cfg.evaluation.final_sampler = {"name": "ddim", "steps": 2, "eta": 1.0}
-            cfg.evaluation.sampler = cfg.evaluation.final_sampler
+        if cfg.model.get("sampler") is not None and "steps" in cfg.model.sampler:   # a diffusion sampler:
+            for key in ("sampler", "final_sampler"):                               # its own, in 2 steps
+                cfg.evaluation[key] = {**(cfg.evaluation.get(key) or {}), "steps": 2}
         if stage == "resume":
             cfg.callbacks.evaluation = None
     write_stand_in_data(cfg, Path(cfg.paths.data_dir))

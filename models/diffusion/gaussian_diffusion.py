@@ -162,7 +162,7 @@ class GaussianDiffusion(nn.Module):
             abar = all_abar[use]
             betas = 1.0 - abar / np.append(1.0, abar[:-1])
             self._respaced[key] = GaussianDiffusion(
-                len(use), variance=self.variance, clip_denoised=self.clip_denoised, betas=betas,
+                len(use), schedule=self.schedule, variance=self.variance, clip_denoised=self.clip_denoised, betas=betas,
                 loss=self.loss, vlb_weight=self.vlb_weight,
                 timestep_map=self.timestep_map.cpu().numpy()[use]).to(device)
         return self._respaced[key]
@@ -221,10 +221,12 @@ class GaussianDiffusion(nn.Module):
         and the model's (fixed or learned) log-variance."""
         return self.mean_variance_of(*self.model_output(model, x_t, t), x_t, t)
 
-    def mean_variance_of(self, eps: Tensor, v: Tensor | None, x_t: Tensor, t: Tensor) -> dict[str, Tensor]:
-        """:meth:`p_mean_variance` from a network output already computed."""
+    def mean_variance_of(self, eps: Tensor, v: Tensor | None, x_t: Tensor, t: Tensor,
+                         clip: bool | None = None) -> dict[str, Tensor]:
+        """:meth:`p_mean_variance` from a network output already computed; ``clip`` (default
+        ``clip_denoised``) clips x^_0 to [-1, 1]."""
         x0 = self.predict_x0(x_t, t, eps)
-        if self.clip_denoised:
+        if self.clip_denoised if clip is None else clip:
             x0 = x0.clamp(-1.0, 1.0)
         mean, _ = self.q_posterior(x0, x_t, t)
         return {"mean": mean, "log_variance": self.model_log_variance_of(v, t, x_t), "pred_x0": x0}
@@ -233,7 +235,9 @@ class GaussianDiffusion(nn.Module):
         """Eq. 14, L_simple = E_{t, x_0, eps} ||eps - eps_theta(x_t, t)||^2, t ~ U{0..T-1}; with
         loss="hybrid" plus lambda L_vlb (Nichol & Dhariwal Eq. 16), L_vlb = T * L_t in bits/dim for the
         sampled t (an unbiased estimate of the sum of Eq. 5's terms, improved-diffusion's scaling), computed
-        with the mean detached so that only Sigma_theta learns from it (their Sec. 3.1). Returns (B,)."""
+        with the mean detached so that only Sigma_theta learns from it (their Sec. 3.1), and from the
+        unclipped x^_0 as improved-diffusion's training losses do (clipping is a sampling device; it
+        stays for sampling and bits/dim). Returns (B,)."""
         b = x0.shape[0]
         t = torch.randint(0, self.num_timesteps, (b,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
@@ -241,7 +245,7 @@ class GaussianDiffusion(nn.Module):
         eps, v = self.model_output(model, x_t, t)
         loss = (eps - noise).pow(2).flatten(1).mean(1)
         if self.loss == "hybrid":
-            vlb = self.vb_terms_of(x0, x_t, t, self.mean_variance_of(eps.detach(), v, x_t, t))
+            vlb = self.vb_terms_of(x0, x_t, t, self.mean_variance_of(eps.detach(), v, x_t, t, clip=False))
             loss = loss + self.vlb_weight * self.num_timesteps * vlb
         return loss
 
