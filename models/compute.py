@@ -10,6 +10,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from models.rng import isolated_rng
@@ -24,11 +25,15 @@ def training_flops_per_image(module, images: Tensor, labels: Tensor | None = Non
     networks are linear in the batch) of a copy of ``module``: the run's weights, batch-norm
     statistics and random stream are left exactly as they were. The GAN's batch is one D update
     and 1 / n_critic G updates (what it averages to); optimizer and EMA updates are not counted,
-    as MFU does not count them."""
+    as MFU does not count them.
+
+    Attention is counted through torch's math kernel: the fused CPU kernel of
+    ``scaled_dot_product_attention`` counts 0 in ``FlopCounterMode``, while the math kernel's matrix
+    products count what the fused kernels compute (4 B H L^2 d forward)."""
     probe = copy.deepcopy(module).train()
     x = images[:probe_images]
     y = None if labels is None else labels[:probe_images]
-    with isolated_rng(0), FlopCounterMode(display=False) as counter:
+    with isolated_rng(0), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         if hasattr(probe, "discriminator_step_loss"):
             probe.discriminator_step_loss(x, y).backward()
             d_flops = counter.get_total_flops()

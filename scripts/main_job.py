@@ -185,12 +185,30 @@ def classifier_guided(ddpm_run: Path, classifier_ckpt: Path, out_dir: Path, samp
                  f"evaluation.num_samples={num_samples}",
                  "evaluation.bpd_num_images=0", f"evaluation.final_extractors=[{','.join(final_extractors)}]"]
     summary = evaluate(eval_config(ddpm_run / "checkpoints" / "last.ckpt", out_dir, overrides, extra, group=group))
-    # the same trained model: its training budget goes with the row (the table's budget column)
     trained = json.loads((ddpm_run / "results.json").read_text())
-    summary.update({k: trained[k] for k in ("flops_per_image", "train_images", "train_flops") if k in trained})
+    record = classifier_record(classifier_ckpt)
+    summary.update(guided_budget(trained, record))
     from metrics.results import RESULTS_FILE, write_json
     write_json(out_dir / RESULTS_FILE, summary)
     return summary
+
+
+def guided_budget(ddpm: dict, classifier: dict | None) -> dict:
+    """A classifier-guided row's training budget and size: the DDPM's (the same trained model) plus
+    the noise-aware classifier's, which the row needs as much as the DDPM."""
+    budget = {k: ddpm[k] for k in ("flops_per_image", "train_images", "train_flops", "num_params") if k in ddpm}
+    if classifier is None:
+        return budget
+    budget["train_flops"] = float(budget.get("train_flops") or 0.0) + float(classifier.get("train_flops") or 0.0)
+    budget["num_params"] = int(budget.get("num_params") or 0) + int(classifier.get("num_params") or 0)
+    budget["classifier"] = {k: classifier.get(k) for k in ("train_flops", "num_params")}
+    return budget
+
+
+def classifier_record(classifier_ckpt: Path) -> dict | None:
+    """The noise-aware classifier's results (parameters, training FLOPs) kept beside its cache entry."""
+    path = Path(classifier_ckpt).with_suffix(".json")
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def sweep(ddpm_run: Path, guidance: str, out_dir: Path, num_samples: int, extra: list[str],
@@ -264,6 +282,10 @@ def cached_noisy_classifier(out: Path, extra: list[str]) -> Path:
         return trained
 
     def save(path: Path, trained: Path) -> None:
+        # its size and training budget first (guided rows add them: guided_budget), then the entry
+        results = json.loads((trained.parent.parent / "results.json").read_text())
+        record = {k: results.get(k) for k in ("num_params", "train_flops", "train_steps")}
+        atomic_write(path.with_suffix(".json"), lambda f: f.write(json.dumps(record).encode()))
         atomic_write(path, lambda f: f.write(trained.read_bytes()))
 
     load_or_build(entry, load, build, save, "noise-aware classifier")

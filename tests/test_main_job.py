@@ -150,3 +150,16 @@ def test_mnist_main_job_composes_every_run_and_its_caches(tmp_path):
             assert cond.model.num_classes == 10
         caches = compose(config_name="train", overrides=profile["caches"])
         assert caches.datamodule.name == "mnist" and caches.evaluation.reference.split == "test"
+
+
+def test_a_classifier_guided_row_counts_the_classifiers_budget_and_parameters():
+    """Classifier guidance needs the noise-aware classifier as much as the DDPM: the row's training
+    FLOPs and parameters are both together; unguided rows keep the DDPM's alone."""
+    from scripts.main_job import guided_budget
+
+    ddpm = {"flops_per_image": 1e9, "train_images": 300, "train_flops": 0.30e12, "num_params": 180_000}
+    classifier = {"train_flops": 1.27e12, "num_params": 330_000}
+    guided = guided_budget(ddpm, classifier)
+    assert guided["train_flops"] == pytest.approx(1.57e12) and guided["num_params"] == 510_000
+    assert guided["classifier"] == classifier
+    assert guided_budget(ddpm, None) == ddpm
