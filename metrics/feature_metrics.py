@@ -295,23 +295,41 @@ class KernelInceptionDistance(GeneratedFeatures):
 
 class PrecisionRecall(GeneratedFeatures):
     """Improved precision/recall (k = ``pr_k``) and density/coverage (k = ``dc_k``) against fixed
-    reference features; the reference k-NN radii are computed once per k."""
+    reference features, on real and generated sets of equal size as Kynkaanniemi et al. 2019
+    compare them (the k-NN radii, and so recall, depend on the set sizes): the larger set is
+    subsampled to the smaller one's size, the reference by a permutation seeded by ``seed``, the
+    generated set by its first samples (independent draws in sample order). ``compared`` records the
+    sizes after each compute. The reference k-NN radii are computed once per (k, size)."""
 
-    def __init__(self, ref_features: Tensor, pr_k: int = 3, dc_k: int = 5, chunk: int = 1024, **kwargs):
+    def __init__(self, ref_features: Tensor, pr_k: int = 3, dc_k: int = 5, chunk: int = 1024, seed: int = 0,
+                 **kwargs):
         super().__init__(**kwargs)
         self.register_buffer("ref_features", ref_features.double(), persistent=False)
-        self.pr_k, self.dc_k, self.chunk = pr_k, dc_k, chunk
-        self._ref_radii: dict[int, Tensor] = {}
+        self.pr_k, self.dc_k, self.chunk, self.seed = pr_k, dc_k, chunk, seed
+        self._ref_radii: dict[tuple[int, int], Tensor] = {}
+        self.compared: dict[str, int] = {}
 
-    def ref_radii(self, k: int) -> Tensor:
-        if k not in self._ref_radii:
-            self._ref_radii[k] = kth_neighbour_radii(self.ref_features, k, self.chunk)
-        return self._ref_radii[k].to(self.ref_features)
+    def reference_subset(self, n: int) -> Tensor:
+        """``n`` reference rows: all of them, or a seeded random subset kept in reference order."""
+        total = self.ref_features.shape[0]
+        if n >= total:
+            return self.ref_features
+        keep = torch.randperm(total, generator=torch.Generator().manual_seed(self.seed))[:n].sort().values
+        return self.ref_features[keep.to(self.ref_features.device)]
+
+    def ref_radii(self, k: int, n: int | None = None) -> Tensor:
+        n = self.ref_features.shape[0] if n is None else min(n, self.ref_features.shape[0])
+        if (k, n) not in self._ref_radii:
+            self._ref_radii[(k, n)] = kth_neighbour_radii(self.reference_subset(n), k, self.chunk)
+        return self._ref_radii[(k, n)].to(self.ref_features)
 
     def compute(self) -> dict[str, float]:
         fake = self.ordered()
-        return {**precision_recall(self.ref_features, fake, self.pr_k, self.chunk, self.ref_radii(self.pr_k)),
-                **density_coverage(self.ref_features, fake, self.dc_k, self.chunk, self.ref_radii(self.dc_k))}
+        n = min(fake.shape[0], self.ref_features.shape[0])
+        real, fake_n = self.reference_subset(n), fake[:n]
+        self.compared = {"real": int(self.ref_features.shape[0]), "generated": int(fake.shape[0]), "compared": n}
+        return {**precision_recall(real, fake_n, self.pr_k, self.chunk, self.ref_radii(self.pr_k, n)),
+                **density_coverage(real, fake_n, self.dc_k, self.chunk, self.ref_radii(self.dc_k, n))}
 
 
 def small_sample_warning(n: int, dim: int) -> str | None:

@@ -81,7 +81,7 @@ class FeatureMetrics:
         self.sfid = FrechetDistance(reference.spatial_mu, reference.spatial_sigma) if "sfid" in metrics else None
         self.inception_score = InceptionScore(is_splits) if "is" in metrics else None
         self.kid = KernelInceptionDistance(reference.features, kid_subsets, kid_subset_size, seed) if "kid" in metrics else None
-        self.prdc = PrecisionRecall(reference.features, pr_k, dc_k, chunk) if "prdc" in metrics else None
+        self.prdc = PrecisionRecall(reference.features, pr_k, dc_k, chunk, seed) if "prdc" in metrics else None
         # FID_inf sub-samples the generated pool features: KID and P/R keep them already; only
         # without both does FID keep its own copy
         self.intra_fid = bool(intra_fid)
@@ -177,6 +177,11 @@ class FeatureMetrics:
             values["kid"], values["kid_std"] = self.kid.compute()
         if self.prdc is not None:
             values.update(self.prdc.compute())
+            sizes = self.prdc.compared
+            details["prdc_sizes"] = sizes
+            details["prdc"] = (f"precision/recall (k={self.pr_k}) and density/coverage (k={self.dc_k}) on {sizes['compared']} "
+                               f"real and {sizes['compared']} generated features (of {sizes['real']} real and "
+                               f"{sizes['generated']} generated; the larger set subsampled, Kynkaanniemi et al. 2019)")
         labelled = bool(self.label_store.indices)
         if self.class_accuracy is not None and labelled:
             values["class_acc"] = float(self.class_accuracy.compute())

@@ -121,10 +121,12 @@ def test_precision_recall_density_coverage_equal_prdc(features, k):
     ours = precision_recall_density_coverage(torch.from_numpy(real), torch.from_numpy(fake), k=k, chunk=64)
     for name in ("precision", "recall", "density", "coverage"):
         assert ours[name] == pytest.approx(float(ref[name]), abs=1e-9), name
-    metric = PrecisionRecall(torch.from_numpy(real), pr_k=k, dc_k=k, chunk=100)
+    # the metric compares equal-size sets: prdc on the same 500 reference rows and 500 samples
+    metric = PrecisionRecall(torch.from_numpy(real), pr_k=k, dc_k=k, chunk=100, seed=3)
     metric.update(torch.from_numpy(fake[250:]), torch.arange(250, 500))
     metric.update(torch.from_numpy(fake[:250]), torch.arange(250))
-    assert metric.compute() == pytest.approx(ours)
+    equal = compute_prdc(real_features=metric.reference_subset(500).numpy(), fake_features=fake, nearest_k=k)
+    assert metric.compute() == pytest.approx({name: float(v) for name, v in equal.items()}, abs=1e-9)
 
 
 def test_density_coverage_take_their_own_k(features):
@@ -133,6 +135,7 @@ def test_density_coverage_take_their_own_k(features):
     from prdc import compute_prdc
 
     real, fake = features
+    real = real[:500]                                            # equal sizes: nothing subsampled
     at3 = compute_prdc(real_features=real, fake_features=fake, nearest_k=3)
     at5 = compute_prdc(real_features=real, fake_features=fake, nearest_k=5)
     metric = PrecisionRecall(torch.from_numpy(real), pr_k=3, dc_k=5, chunk=100)
@@ -279,3 +282,28 @@ def test_sfid_is_refused_without_spatial_features_or_reference_statistics(featur
         FeatureMetrics(Spatial(), no_spatial, ["fid", "sfid"])
     assert FeatureMetrics(Spatial(), no_spatial, "auto").sfid is None
     assert _counting_metrics(real, "auto").sfid is None
+
+
+def test_precision_recall_compare_real_and_generated_sets_of_equal_size():
+    """Kynkaanniemi et al. compare equal numbers of real and generated samples: with 300 reference
+    images and 512 samples, the metric scores the first 300 samples (and records the sizes); with
+    more reference images than samples, a seeded subset of the reference of the samples' size."""
+    from prdc import compute_prdc
+
+    rng = np.random.default_rng(1)
+    real, fake = rng.normal(size=(300, 16)), rng.normal(size=(512, 16)) * 1.3
+    metric = PrecisionRecall(torch.from_numpy(real), pr_k=3, dc_k=5)
+    metric.update(torch.from_numpy(fake), torch.arange(512))
+    got = metric.compute()
+    at3 = compute_prdc(real_features=real, fake_features=fake[:300], nearest_k=3)
+    assert got["precision"] == pytest.approx(float(at3["precision"]), abs=1e-9)
+    assert got["recall"] == pytest.approx(float(at3["recall"]), abs=1e-9)
+    unequal = compute_prdc(real_features=real, fake_features=fake, nearest_k=3)
+    assert got["recall"] != pytest.approx(float(unequal["recall"]), abs=1e-3)     # what the unequal sets gave
+    assert metric.compared == {"real": 300, "generated": 512, "compared": 300}
+    many_real = PrecisionRecall(torch.from_numpy(fake), pr_k=3, dc_k=5, seed=7)
+    many_real.update(torch.from_numpy(real), torch.arange(300))
+    subset = many_real.reference_subset(300).numpy()
+    assert subset.shape == (300, 16)
+    assert many_real.compute()["recall"] == pytest.approx(
+        float(compute_prdc(real_features=subset, fake_features=real, nearest_k=3)["recall"]), abs=1e-9)
