@@ -18,11 +18,12 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Callable, Iterator, TypeVar
+from typing import Callable, Iterator, TypeVar
+
+from models.checkpoints import atomic_write  # noqa: F401  (the one atomic writer; re-exported for the caches)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -30,20 +31,6 @@ T = TypeVar("T")
 
 class CacheWarning(UserWarning):
     """A cache entry was invalid or its last build was interrupted: it is rebuilt."""
-
-
-def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """``write`` into a temporary file next to ``path``, fsync, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def lock_path(path: Path) -> Path:

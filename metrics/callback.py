@@ -15,6 +15,7 @@ from models.base import GenerativeModule
 from models.rng import isolated_rng
 
 FINAL_FILE = "eval_final.json"
+HISTORY_FILE = "eval_history.jsonl"
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,12 @@ class EvaluationCallback(pl.Callback):
                  metrics: list[str] | str = "auto", reference: dict[str, Any] | None = None,
                  cache_dir: str = ".cache", weights_path: str | None = None, pr_k: int = 3, dc_k: int = 5,
                  bpd_during_training: bool = False, repeats: int = 1, labels: str = "uniform",
-                 intra_fid: bool = False):
+                 intra_fid: bool = False, milestone_batches: list[int] | None = None):
         super().__init__()
+        #: training batches after which to evaluate (a FLOP budget's milestones, models/budget.py);
+        #: each is evaluated once, also across a resume (:meth:`on_fit_start` reads the history)
+        self.milestone_batches = sorted(int(b) for b in (milestone_batches or []))
+        self._milestones_done: set[int] = set()
         self.every_n_steps = int(every_n_steps)
         self.sampler, self.final_sampler = dict(sampler or {}), dict(final_sampler or {})
         self.output_dir = Path(output_dir)
@@ -60,9 +65,11 @@ class EvaluationCallback(pl.Callback):
         self._next_due = self.every_n_steps
 
     def state_dict(self) -> dict[str, Any]:
-        return {"eval_seconds": self.eval_seconds, "last_step": self._last_step, "next_due": self._next_due}
+        return {"eval_seconds": self.eval_seconds, "last_step": self._last_step, "next_due": self._next_due,
+                "milestones_done": sorted(self._milestones_done)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._milestones_done |= set(state_dict.get("milestones_done", []))
         self.eval_seconds = state_dict.get("eval_seconds", 0.0)
         self._last_step = state_dict.get("last_step", -1)
         self._next_due = state_dict.get("next_due", self._due_after(max(self._last_step, 0)))
@@ -70,6 +77,28 @@ class EvaluationCallback(pl.Callback):
     def _due_after(self, step: int) -> int:
         """The first multiple of ``every_n_steps`` past ``step``."""
         return (step // self.every_n_steps + 1) * self.every_n_steps if self.every_n_steps > 0 else 0
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module) -> None:
+        """Milestones already in this run's history stay done: a run interrupted after a milestone's
+        evaluation but before its checkpoint re-trains that batch (to the same weights) without
+        evaluating it again."""
+        history = self.output_dir / HISTORY_FILE
+        if self.milestone_batches and history.is_file():
+            import json
+            for line in history.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:    # a line cut by a kill
+                    continue
+                if record.get("milestone_batch") is not None:
+                    self._milestones_done.add(int(record["milestone_batch"]))
+
+    def due_milestone(self, batches: int) -> int | None:
+        """The latest milestone reached by ``batches`` and not yet evaluated (earlier ones passed
+        over with it are marked done: one evaluation per batch)."""
+        reached = [m for m in self.milestone_batches if m <= batches and m not in self._milestones_done]
+        self._milestones_done.update(reached)
+        return reached[-1] if reached else None
 
     def is_due(self, step: int, max_steps: int) -> bool:
         """Evaluate at the first step at or past each multiple of ``every_n_steps``: a GAN's step
@@ -96,8 +125,11 @@ class EvaluationCallback(pl.Callback):
         return None
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if isinstance(pl_module, GenerativeModule) and self.is_due(pl_module.global_step, trainer.max_steps):
-            self.run(trainer, pl_module, final=False)
+        if not isinstance(pl_module, GenerativeModule):
+            return
+        milestone = self.due_milestone(pl_module.batches_started)
+        if self.is_due(pl_module.global_step, trainer.max_steps) or milestone is not None:
+            self.run(trainer, pl_module, final=False, milestone_batch=milestone)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
         # a module that samples nothing (the noise-aware classifier) has nothing to evaluate here
@@ -117,7 +149,7 @@ class EvaluationCallback(pl.Callback):
             self._feature_sets[name].to(device)
         return [self._feature_sets[n] for n in names]
 
-    def run(self, trainer: pl.Trainer, pl_module, final: bool) -> EvaluationResult:
+    def run(self, trainer: pl.Trainer, pl_module, final: bool, milestone_batch: int | None = None) -> EvaluationResult:
         step = pl_module.global_step
         t0 = time.perf_counter()
         datamodule = trainer.datamodule
@@ -130,10 +162,11 @@ class EvaluationCallback(pl.Callback):
         self.eval_seconds += time.perf_counter() - t0
         self._last_step = step
         if trainer.is_global_zero:
-            self._publish(trainer, result, step, final)
+            self._publish(trainer, result, step, final, pl_module.batches_started, milestone_batch)
         return result
 
-    def _publish(self, trainer: pl.Trainer, result: EvaluationResult, step: int, final: bool) -> None:
+    def _publish(self, trainer: pl.Trainer, result: EvaluationResult, step: int, final: bool, batches: int,
+                 milestone_batch: int | None = None) -> None:
         metrics = {f"eval/{k}": v for k, v in result.metrics.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -148,8 +181,8 @@ class EvaluationCallback(pl.Callback):
                                      caption=[f"step {step}, {result.sampler}"])
         if final:  # read back by train() when training ran in spawned processes (ddp_spawn)
             write_json(self.output_dir / FINAL_FILE, {"step": step, **self.result_record(result)})
-        append_jsonl(self.output_dir / "eval_history.jsonl",
-                     {"step": step, "final": final, "num_samples": result.num_samples,
+        append_jsonl(self.output_dir / HISTORY_FILE,
+                     {"step": step, "batches": batches, "milestone_batch": milestone_batch, "final": final, "num_samples": result.num_samples,
                       "feature_extractor": result.feature_extractor, "sampler": result.sampler,
                       "metrics": result.metrics})
         shown = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items())

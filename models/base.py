@@ -40,6 +40,24 @@ class TrainedModule(TrainingLoopMixin, ExactResumeMixin, pl.LightningModule):
         self.run_config: dict | None = None
         self.init_training_loop()
 
+    def set_schedule(self, warmup_steps: int = 0, warmup_fraction: float | None = None,
+                     lr_decay: str = "constant") -> None:
+        """The learning-rate schedule (models/optim.py), checked now, before any training work:
+        ``warmup_fraction`` and ``lr_decay`` scale with the planned run (:meth:`planned_batches`)."""
+        from models.optim import LR_DECAYS
+
+        if lr_decay not in LR_DECAYS:
+            raise ValueError(f"model.lr_decay must be one of {LR_DECAYS}, got {lr_decay!r}")
+        if warmup_fraction is not None and not 0 <= float(warmup_fraction) < 1:
+            raise ValueError(f"model.warmup_fraction must be in [0, 1), got {warmup_fraction!r}")
+        self.warmup_steps, self.warmup_fraction, self.lr_decay = int(warmup_steps), warmup_fraction, lr_decay
+
+    def optimizer_with_schedule(self, factory, params) -> dict:
+        from models.optim import build_optimizer
+
+        return build_optimizer(factory, params, self.warmup_steps, self.warmup_fraction, self.lr_decay,
+                               self.planned_batches())
+
     @property
     def num_params(self) -> int:
         """Parameters of the networks that define the model (EMA copies excluded)."""

@@ -13,7 +13,6 @@ from models.base import GenerativeModule
 from models.noise import Noise
 from models.components.ema import EMA
 from models.diffusion.gaussian_diffusion import GaussianDiffusion
-from models.optim import build_optimizer
 
 SAMPLERS = ("ancestral", "ddim", "dpm_solver_pp")
 #: the sampler settings a DDPM understands (evaluation.sampler / sampler.* overrides)
@@ -38,8 +37,9 @@ class DDPM(GenerativeModule):
         diffusion: the Gaussian process (schedule, T, variance).
         optimizer: a ``_partial_`` torch optimizer.
         image_shape: (C, H, W) of the data.
-        warmup_steps: linear learning-rate warm-up (Ho et al.: 5000).
-        ema_decay, ema_warmup, ema_foreach: EMA of the network weights (components/ema.py); the EMA
+        warmup_steps: linear learning-rate warm-up (Ho et al.: 5000); ``warmup_fraction``: the same as a
+            fraction of the planned run, ``lr_decay``: constant or cosine over it (models/optim.py).
+        ema_decay, ema_warmup, ema_rampup, ema_foreach: EMA of the network weights (components/ema.py); the EMA
             network samples and scores.
         sampler: default sampler, {name: ancestral|ddim|dpm_solver_pp, steps: int|null (null = all T), eta: float,
             guidance_scale: w of classifier-free guidance, classifier_ckpt: a noise-aware classifier's
@@ -57,7 +57,8 @@ class DDPM(GenerativeModule):
 
     def __init__(self, net: nn.Module, diffusion: GaussianDiffusion, optimizer: Callable[..., torch.optim.Optimizer],
                  image_shape: Sequence[int], warmup_steps: int = 0, ema_decay: float = 0.9999,
-                 ema_warmup: bool = False, ema_foreach: bool = True, sampler: dict[str, Any] | None = None,
+                 ema_warmup: bool = False, ema_foreach: bool = True, ema_rampup: float | None = None,
+                 warmup_fraction: float | None = None, lr_decay: str = "constant", sampler: dict[str, Any] | None = None,
                  sample_batch_size: int = 256, num_classes: int | None = None, label_dropout: float = 0.0):
         super().__init__(image_shape, num_classes)
         if getattr(net, "num_classes", None) != self.num_classes:
@@ -81,8 +82,9 @@ class DDPM(GenerativeModule):
         self.label_dropout = float(label_dropout)
         self.save_hyperparameters(ignore=["net", "diffusion", "optimizer"], logger=False)
         self.net, self.diffusion, self.optimizer_factory = net, diffusion, optimizer
-        self.ema = EMA(net, ema_decay, warmup=ema_warmup, foreach=ema_foreach)
-        self.warmup_steps, self.sample_batch_size = warmup_steps, sample_batch_size
+        self.ema = EMA(net, ema_decay, warmup=ema_warmup, foreach=ema_foreach, rampup=ema_rampup)
+        self.set_schedule(warmup_steps, warmup_fraction, lr_decay)
+        self.sample_batch_size = sample_batch_size
         unknown = sorted(set(sampler or {}) - set(SAMPLER_DEFAULTS))
         if unknown:
             raise ValueError(f"unknown DDPM sampler settings {unknown}; known: {sorted(SAMPLER_DEFAULTS)}")
@@ -143,7 +145,7 @@ class DDPM(GenerativeModule):
         self.log("val/loss", loss.mean(), prog_bar=True, sync_dist=True, batch_size=x0.shape[0])
 
     def configure_optimizers(self):
-        return build_optimizer(self.optimizer_factory, self.net.parameters(), self.warmup_steps)
+        return self.optimizer_with_schedule(self.optimizer_factory, self.net.parameters())
 
     # ---------------------------------------------------------------- the interface
     def _check_sampler(self, name: str = "ancestral", steps: int | None = None, eta: float = 1.0,

@@ -56,6 +56,7 @@ class GAN(GenerativeModule):
     def __init__(self, generator: nn.Module, discriminator: nn.Module, g_optimizer: Callable, d_optimizer: Callable,
                  image_shape: Sequence[int], loss: str = "nonsaturating", n_critic: int = 1,
                  ema_decay: float = 0.999, ema_warmup: bool = True, ema_foreach: bool = True,
+                 ema_rampup: float | None = None,
                  grad_clip: float | None = None, bn_refresh_samples: int = 1024,
                  sample_batch_size: int = 256, num_classes: int | None = None):
         super().__init__(image_shape, num_classes)
@@ -70,7 +71,7 @@ class GAN(GenerativeModule):
         self.save_hyperparameters(ignore=["generator", "discriminator", "g_optimizer", "d_optimizer"], logger=False)
         self.automatic_optimization = False
         self.generator, self.discriminator = generator, discriminator
-        self.ema = EMA(generator, ema_decay, warmup=ema_warmup, foreach=ema_foreach)
+        self.ema = EMA(generator, ema_decay, warmup=ema_warmup, foreach=ema_foreach, rampup=ema_rampup)
         self.g_optimizer_factory, self.d_optimizer_factory = g_optimizer, d_optimizer
         self.loss_kind, self.n_critic, self.grad_clip = loss, n_critic, grad_clip
         self.sample_batch_size = sample_batch_size

@@ -17,7 +17,6 @@ from torch import Tensor, nn
 
 from models.base import TrainedModule
 from models.diffusion.gaussian_diffusion import GaussianDiffusion, GuidanceGradient
-from models.optim import build_optimizer
 
 #: accuracy is logged per noise level in this many equal bins of t (ADM logs quartiles)
 NOISE_BINS = 4
@@ -36,7 +35,8 @@ class NoisyClassifier(TrainedModule):
     likelihood_kind = None
 
     def __init__(self, net: nn.Module, diffusion: GaussianDiffusion, optimizer: Callable, image_shape: Sequence[int],
-                 num_classes: int, warmup_steps: int = 0):
+                 num_classes: int, warmup_steps: int = 0, warmup_fraction: float | None = None,
+                 lr_decay: str = "constant"):
         super().__init__()
         if not num_classes or int(num_classes) < 2:
             raise ValueError(f"model=noisy_classifier needs a labelled dataset; got num_classes={num_classes}")
@@ -46,7 +46,7 @@ class NoisyClassifier(TrainedModule):
         self.save_hyperparameters(ignore=["net", "diffusion", "optimizer"], logger=False)
         self.net, self.diffusion, self.optimizer_factory = net, diffusion, optimizer
         self.image_shape, self.num_classes = tuple(int(s) for s in image_shape), int(num_classes)
-        self.warmup_steps = warmup_steps
+        self.set_schedule(warmup_steps, warmup_fraction, lr_decay)
 
     # ---------------------------------------------------------------- training
     def noised(self, images: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
@@ -89,7 +89,7 @@ class NoisyClassifier(TrainedModule):
                      sync_dist=True, batch_size=max(int(mask.sum()), 1))
 
     def configure_optimizers(self):
-        return build_optimizer(self.optimizer_factory, self.net.parameters(), self.warmup_steps)
+        return self.optimizer_with_schedule(self.optimizer_factory, self.net.parameters())
 
     # ---------------------------------------------------------------- guidance
     def guidance_gradient(self, labels: Tensor, scale: float) -> GuidanceGradient:

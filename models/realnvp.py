@@ -10,7 +10,6 @@ from torch import Tensor, nn
 
 from models.base import GenerativeModule
 from models.noise import Noise, dequantize, randn
-from models.optim import build_optimizer
 
 LOG_2PI = math.log(2 * math.pi)
 #: torch.nn.utils.parametrizations.weight_norm keeps the scale g as ``original0`` (the direction v as ``original1``)
@@ -43,11 +42,13 @@ class RealNVP(GenerativeModule):
 
     def __init__(self, flow: nn.Module, optimizer: Callable, image_shape: Sequence[int], alpha: float = 0.05,
                  temperature: float = 1.0, warmup_steps: int = 0, scale_l2: float = 0.0,
-                 sample_batch_size: int = 256, num_classes: int | None = None):
+                 sample_batch_size: int = 256, num_classes: int | None = None,
+                 warmup_fraction: float | None = None, lr_decay: str = "constant"):
         super().__init__(image_shape, num_classes)
         self.save_hyperparameters(ignore=["flow", "optimizer"], logger=False)
         self.flow, self.optimizer_factory = flow, optimizer
-        self.alpha, self.warmup_steps, self.sample_batch_size = alpha, warmup_steps, sample_batch_size
+        self.alpha, self.sample_batch_size = alpha, sample_batch_size
+        self.set_schedule(warmup_steps, warmup_fraction, lr_decay)
         self.scale_l2 = float(scale_l2)
         self.default_sampler = {"temperature": float(temperature)}
         if self.num_classes is not None:  # zeros: every class starts at the unconditional N(0, I)
@@ -104,7 +105,7 @@ class RealNVP(GenerativeModule):
         return [{"params": scales, "weight_decay": self.scale_l2}, {"params": others, "weight_decay": 0.0}]
 
     def configure_optimizers(self):
-        return build_optimizer(self.optimizer_factory, self.parameter_groups(), self.warmup_steps)
+        return self.optimizer_with_schedule(self.optimizer_factory, self.parameter_groups())
 
     # ---------------------------------------------------------------- the interface
     @torch.no_grad()

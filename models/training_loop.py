@@ -7,6 +7,7 @@ a GPU, against a few milliseconds for a small network's whole step; logging only
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import pytorch_lightning as pl
@@ -38,6 +39,19 @@ class TrainingLoopMixin:
         #: training batches started in this run, across epochs and resumes (stored in checkpoints);
         #: counted here because Lightning's own count lives in its loops, which are not public API
         self.batches_started = 0
+
+    #: the run's length in training batches when a FLOP budget planned it (scripts/train.py)
+    budget_batches: int | None = None
+
+    def planned_batches(self) -> int | None:
+        """Training batches this run will take: the budget's plan, else ``trainer.max_steps`` over
+        the optimizer steps a batch takes; None when unknown (outside a fit, or no step limit)."""
+        if self.budget_batches:
+            return int(self.budget_batches)
+        trainer = attached_trainer(self)
+        if trainer is None or trainer.max_steps is None or trainer.max_steps <= 0:
+            return None
+        return max(1, math.ceil(trainer.max_steps / self.max_optimizer_steps_per_batch))
 
     def on_train_batch_start(self, batch, batch_idx: int):
         self.batches_started += 1

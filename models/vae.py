@@ -12,7 +12,6 @@ from models.base import GenerativeModule
 from models.noise import Noise, SampleNoise, randn
 from models.components.likelihoods import (bernoulli_log_likelihood, discretized_gaussian_log_likelihood,
                                            discretized_logistic_log_likelihood)
-from models.optim import build_optimizer
 
 LIKELIHOODS = {"bernoulli": 1, "discretized_logistic": 2, "discretized_gaussian": 2}  # params per pixel
 
@@ -43,7 +42,7 @@ class VAE(GenerativeModule):
     def __init__(self, encoder: nn.Module, decoder: nn.Module, optimizer: Callable, image_shape: Sequence[int],
                  latent_dim: int = 32, likelihood: str = "discretized_logistic", kl_warmup_steps: int = 0,
                  iw_samples: int = 100, sample_mean: bool = True, warmup_steps: int = 0, sample_batch_size: int = 256,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, warmup_fraction: float | None = None, lr_decay: str = "constant"):
         super().__init__(image_shape, num_classes)
         for name, net in (("encoder", encoder), ("decoder", decoder)):
             if getattr(net, "num_classes", None) != self.num_classes:
@@ -55,7 +54,8 @@ class VAE(GenerativeModule):
         self.encoder, self.decoder, self.optimizer_factory = encoder, decoder, optimizer
         self.latent_dim, self.likelihood = latent_dim, likelihood
         self.kl_warmup_steps, self.iw_samples, self.sample_mean = kl_warmup_steps, iw_samples, sample_mean
-        self.warmup_steps, self.sample_batch_size = warmup_steps, sample_batch_size
+        self.sample_batch_size = sample_batch_size
+        self.set_schedule(warmup_steps, warmup_fraction, lr_decay)
 
     # ---------------------------------------------------------------- pieces
     def decoder_log_prob(self, x: Tensor, params: Tensor) -> Tensor:
@@ -115,7 +115,7 @@ class VAE(GenerativeModule):
         self.log("val/loss", ((kl - rec).mean() / self.num_dims), prog_bar=True, sync_dist=True, batch_size=x.shape[0])
 
     def configure_optimizers(self):
-        return build_optimizer(self.optimizer_factory, self.parameters(), self.warmup_steps)
+        return self.optimizer_with_schedule(self.optimizer_factory, self.parameters())
 
     # ---------------------------------------------------------------- the interface
     @torch.no_grad()

@@ -19,13 +19,14 @@ import scripts  # noqa: F401  (registers the config resolvers)
 from scripts import ddp_launch
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metrics.callback import EvaluationCallback
 from metrics.report import run_filter_keys
 from metrics.results import RESULTS_FILE, write_json
-from models.checkpoints import CheckpointError, check_checkpoint  # noqa: F401  (re-exported)
+from models.checkpoints import CheckpointError, StreamingCheckpointIO, check_checkpoint  # noqa: F401  (re-exported)
 from models.compute import COMPUTE_FILE, ComputeTracker
+from models.budget import BudgetStop, check_budget_settings, plan_budget
 from models.config_checks import check_model_optimizers
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,20 @@ def check_conditioning(wanted: int | None, datamodule) -> None:
     if have != wanted:
         raise ValueError(f"model.num_classes={wanted} but dataset {datamodule.name!r} has datamodule.num_classes={have}; "
                          "set model.num_classes=${datamodule.num_classes}")
+
+
+def plan_training_budget(model, datamodule, train_flops: float, milestones: list[float]):
+    """The budget's plan (models/budget.py): FLOPs per image of the model's own training step,
+    counted on two training images of the real data, and the datamodule's global batch size."""
+    from models.compute import training_flops_per_image
+
+    datamodule.prepare_data()
+    train_set = datamodule.split("train")
+    items = [train_set[i] for i in range(min(2, len(train_set)))]
+    images = torch.stack([item[0] for item in items])
+    labels = torch.tensor([int(item[1]) for item in items])
+    flops = training_flops_per_image(model, images, labels)
+    return plan_budget(train_flops, flops, int(datamodule.batch_size), milestones)
 
 
 def ddp_strategy_for(model, strategy: Any) -> Any:
@@ -138,7 +153,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model = trainer = evaluation = compute = None
+    model = trainer = evaluation = compute = plan = None
     loggers: list = []
     summary: dict[str, Any] = {}
     start = time.perf_counter()
@@ -148,16 +163,29 @@ def train(cfg: DictConfig) -> dict[str, float]:
         pl.seed_everything(cfg.seed, workers=True)
         # Everything that can fail on bad config is built before any training work starts.
         check_model_optimizers(OmegaConf.to_container(cfg.model, resolve=True))
+        budget = cfg.get("budget") or {}
+        budget_flops, milestones = check_budget_settings(budget.get("train_flops"), budget.get("milestones"))
         datamodule = hydra.utils.instantiate(cfg.datamodule)
         check_conditioning(cfg.model.get("num_classes"), datamodule)
         model = hydra.utils.instantiate(cfg.model)
+        if budget_flops is not None:
+            plan = plan_training_budget(model, datamodule, budget_flops, milestones)
+            model.budget_batches = plan.batches
+            with open_dict(cfg):  # an upper bound; BudgetStop ends the run at the planned batch
+                cfg.trainer.max_steps = plan.batches * model.max_optimizer_steps_per_batch
+            log.info("budget %.3g FLOPs: %.4g FLOPs per image x %d images per batch -> %d batches", budget_flops,
+                     plan.flops_per_image, plan.global_batch_size, plan.batches)
         model.run_config = OmegaConf.to_container(cfg, resolve=True)
         callbacks = instantiate_group(cfg.get("callbacks"))
+        if plan is not None:
+            callbacks.append(BudgetStop(plan.batches))
         loggers = instantiate_group(cfg.get("logger"))
         if not loggers:  # logger=none: the LR monitor has nowhere to write and Lightning refuses it
             callbacks = [cb for cb in callbacks if not isinstance(cb, pl.callbacks.LearningRateMonitor)]
         evaluation = next((cb for cb in callbacks if isinstance(cb, EvaluationCallback)), None)
         compute = next((cb for cb in callbacks if isinstance(cb, ComputeTracker)), None)
+        if plan is not None and evaluation is not None:
+            evaluation.milestone_batches = list(plan.milestone_batches)
         ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
         from metrics.callback import FINAL_FILE
         (output_dir / FINAL_FILE).unlink(missing_ok=True)  # only this run's final evaluation may be read back
@@ -167,7 +195,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         # built after they exist (it picks its cluster environment when built)
         with ddp_launch.job_ranks(strategy, cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)):
             trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                              strategy=strategy)
+                                              strategy=strategy, plugins=[StreamingCheckpointIO()])
             for logger in loggers:
                 logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
             start = time.perf_counter()
@@ -181,6 +209,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
                        traceback=traceback.format_exc(limit=20))
         raise
     finally:
+        if plan is not None:
+            summary["budget"] = plan.as_record()
         wall = time.perf_counter() - start
         eval_seconds = evaluation.eval_seconds if evaluation is not None else 0.0
         summary["timing"] = {"wall_seconds": wall, "eval_seconds": eval_seconds,

@@ -15,15 +15,23 @@ class EMA(nn.Module):
     ``foreach=False`` updates tensor by tensor (the benchmark's baseline for the fused update).
     With ``warmup=True`` the decay is min(decay, (1 + n) / (10 + n)) after n updates (the
     TensorFlow ExponentialMovingAverage num_updates rule), so short runs are not dominated by
-    the initial weights. Buffers (e.g. BatchNorm statistics) are copied, not averaged.
+    the initial weights. With ``rampup`` = r the half-life is at most r times the updates so far
+    (EDM's ema_rampup_ratio, Karras et al. 2022): decay = min(decay, 0.5 ** (1 / (r (n + 1)))), so
+    the averaging horizon grows with the run and a short run averages over its own length, while
+    ``decay`` caps it. Buffers (e.g. BatchNorm statistics) are copied, not averaged.
     Being a submodule, the shadow is saved in checkpoints and moved across devices with its owner.
     """
 
-    def __init__(self, net: nn.Module, decay: float = 0.9999, warmup: bool = False, foreach: bool = True):
+    def __init__(self, net: nn.Module, decay: float = 0.9999, warmup: bool = False, foreach: bool = True,
+                 rampup: float | None = None):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        if rampup is not None and not float(rampup) > 0:
+            raise ValueError(f"model.ema_rampup (the EMA half-life as a fraction of the run so far) must be > 0, "
+                             f"got {rampup}")
         self.decay, self.warmup, self.foreach = float(decay), bool(warmup), bool(foreach)
+        self.rampup = None if rampup is None else float(rampup)
         self.shadow = copy.deepcopy(net).eval().requires_grad_(False)
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
         # a host-side copy of num_updates: reading the buffer every step would sync with the GPU
@@ -38,7 +46,10 @@ class EMA(nn.Module):
         if self._host_updates is None:  # after loading a checkpoint: read the buffer once
             self._host_updates = int(self.num_updates)
         n = self._host_updates
-        return min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
+        decay = min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
+        if self.rampup is not None:
+            decay = min(decay, 0.5 ** (1.0 / (self.rampup * (n + 1))))
+        return decay
 
     @torch.no_grad()
     def update(self, net: nn.Module) -> None:
