@@ -65,7 +65,7 @@ class TrainingLoopMixin:
         trainer = attached_trainer(self)
         if trainer is None:
             return True
-        batch = self.batches_started - 1                      # this batch's index in the run
+        batch = self.current_batch_index()
         key = (id(trainer), batch)
         if self._logging_step_key != key:
             every = max(int(trainer.log_every_n_steps), 1)

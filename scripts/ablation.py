@@ -2,9 +2,11 @@
 
     python scripts/ablation.py variance       # Improved DDPM: learned variances (L_hybrid) vs fixed (L_simple)
     python scripts/ablation.py architecture   # ADM Table 1's direction: the ADM UNet options vs Ho et al.'s
+    python scripts/ablation.py recipe         # the small-budget diffusion recipe at 0.3 and 1 TFLOP (FLOP budgets)
     python scripts/ablation.py variance --seeds 0 1 2 --num-samples 2000 --repeats 3 --out logs/ablation/v
 
-Each variant is the ``digits_ddpm`` preset plus the overrides below, trained at equal steps per seed;
+Each variant is its ablation's preset (``digits_ddpm``; ``digits_matched_ddpm`` for ``recipe``) plus the
+overrides below, trained at equal steps per seed (``recipe``: at equal FLOP budgets, models/budget.py);
 every checkpoint is scored by scripts/evaluate.py's evaluate() at the ablation's samplers with
 ``--repeats`` independent sample draws of ``--num-samples`` (classifier features, the digits
 training set as reference, as in every digits run), and, for ``variance``, the full variational bound in bits/dim. Writes
@@ -38,6 +40,20 @@ ANCESTRAL = {"name": "ancestral", "eta": 1.0}
 #: sampling, which every variant supports (DDIM with eta > 0 refuses learned variances)
 TRAIN_EVALUATION = ["evaluation.every_n_steps=0", "evaluation.num_samples=256", "evaluation.bpd_num_images=0",
                     "evaluation.sampler={name:ancestral,steps:50}", "evaluation.final_sampler={name:ancestral,steps:50}"]
+#: the small-budget recipe (issue: diffusion at the main job's budgets): the compute-matched DDPM
+#: (width 16, warm-up a tenth of the run) at two budgets, one change at a time from Ho et al.'s recipe
+RECIPE_BUDGETS = {"0.3 TFLOP": 3e11, "1 TFLOP": 1e12}
+RECIPES = {
+    "Ho et al. (eps, uniform), batch 128": [],
+    "batch 32": ["datamodule.batch_size=32"],
+    "batch 32, v-prediction": ["datamodule.batch_size=32", "model.diffusion.prediction=v"],
+    "batch 32, Min-SNR-5": ["datamodule.batch_size=32", "model.diffusion.weighting=min_snr"],
+    "batch 32, v + Min-SNR-5": ["datamodule.batch_size=32", "model.diffusion.prediction=v",
+                                "model.diffusion.weighting=min_snr"],
+    "batch 32, lr 2e-3 cosine": ["datamodule.batch_size=32", "model.optimizer.lr=2e-3", "model.lr_decay=cosine"],
+    "batch 32, EMA ramp-up 0.1": ["datamodule.batch_size=32", "model.ema_rampup=0.1", "model.ema_warmup=false"],
+}
+DDIM_50 = {"name": "ddim", "steps": 50, "eta": 1.0}
 ABLATIONS = {
     # Nichol & Dhariwal 2021, Sec. 3.1 / 4: learned Sigma with L_hybrid improves the bound and keeps
     # sample quality with few respaced steps (their Fig. 8: 25-50 steps)
@@ -52,6 +68,15 @@ ABLATIONS = {
                      "samplers": {"DDIM-50 eta=1": {"name": "ddim", "steps": 50, "eta": 1.0},
                                   "ancestral-50": {**ANCESTRAL, "steps": 50}},
                      "bpd": False},
+    # Salimans & Ho 2022 (v), Hang et al. 2023 (Min-SNR-gamma), batch size, lr and schedule, EDM's EMA
+    # ramp-up (Karras et al. 2022), each at two FLOP budgets
+    "recipe": {"preset": "digits_matched_ddpm",
+               "variants": {f"{name} @ {budget}": [*overrides, f"budget.train_flops={flops:g}"]
+                            for budget, flops in RECIPE_BUDGETS.items() for name, overrides in RECIPES.items()},
+               "samplers": {"DDIM-50 eta=1": DDIM_50},
+               "train_evaluation": ["evaluation.every_n_steps=0", "evaluation.num_samples=64",
+                                    "evaluation.bpd_num_images=0", "evaluation.grid_size=64"],
+               "bpd": False},
 }
 
 
@@ -81,7 +106,7 @@ def run_ablation(name: str, out: Path, seeds: list[int], num_samples: int, repea
         raise ValueError(f"unknown {name} variants {unknown}; known: {sorted(spec['variants'])}")
     for variant, overrides in variants.items():
         slug = "".join(c if c.isalnum() or c in "_-" else "_"
-                       for c in variant.split(",")[0].replace(" ", "_").replace(".", ""))
+                       for c in variant.replace(" ", "_").replace(".", ""))
         row: dict = {"overrides": overrides, "fid": {}, "num_params": None}
         fids: dict[str, list[float]] = {s: [] for s in spec["samplers"]}
         bpds: list[float] = []
@@ -89,8 +114,9 @@ def run_ablation(name: str, out: Path, seeds: list[int], num_samples: int, repea
             run = out / "runs" / f"{slug}_seed{seed}"
             if not finished(run):
                 started = time.perf_counter()
-                train(compose_config("train", ["experiment=digits_ddpm", f"seed={seed}", "logger=csv", "callbacks.progress_bar=null",
-                                               *TRAIN_EVALUATION, *overrides, *extra], run))
+                train(compose_config("train", [f"experiment={spec.get('preset', 'digits_ddpm')}", f"seed={seed}",
+                                               "logger=csv", "callbacks.progress_bar=null",
+                                               *spec.get("train_evaluation", TRAIN_EVALUATION), *overrides, *extra], run))
                 print(f"  trained {variant}, seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
             for i, (label, sampler) in enumerate(spec["samplers"].items()):
                 with_bpd = spec["bpd"] and i == 0

@@ -435,7 +435,7 @@ def main(argv=None) -> None:
                    help='only this part: experiment per family ("{}" = family) or one shared one, e.g. '
                         '"digits_{}" = each family at its own preset budget, unconditional; default: both parts '
                         '(digits_matched_{} and digits_cond_{}) with guidance')
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. trainer.max_steps=100")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. budget.train_flops=1e11 (the matched presets train to a FLOP budget)")
     args = p.parse_args(argv)
     out = args.out or ROOT / "logs" / ("main" if args.dataset == "digits" else f"main_{args.dataset}") \
         / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")

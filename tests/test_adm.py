@@ -223,7 +223,8 @@ def test_every_ablation_variant_composes_and_the_architecture_pair_has_about_equ
     counts = {}
     for name, spec in ABLATIONS.items():
         for variant, overrides in spec["variants"].items():
-            cfg = compose_train(["experiment=digits_ddpm", "logger=csv", *TRAIN_EVALUATION, *overrides], tmp_path)
+            cfg = compose_train([f"experiment={spec.get('preset', 'digits_ddpm')}", "logger=csv",
+                                 *spec.get("train_evaluation", TRAIN_EVALUATION), *overrides], tmp_path)
             model = hydra.utils.instantiate(cfg.model)
             counts[(name, variant)] = sum(p.numel() for p in model.net.parameters())
             for sampler in spec["samplers"].values():

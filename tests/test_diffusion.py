@@ -264,3 +264,57 @@ def test_dpm_solver_pp_step_is_algorithm_2_in_the_papers_notation():
     d2 = (1 + 1 / (2 * r2)) * m1 - 1 / (2 * r2) * m0
     x2 = sigma[t2] / sigma[t1] * x1 - alpha[t2] * (torch.exp(-h2) - 1) * d2
     torch.testing.assert_close(out.double(), x0(x2, t2), rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- prediction targets, weighting
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_each_prediction_target_maps_back_to_the_noise(prediction):
+    """Salimans & Ho 2022: a network that outputs the exact target of its parameterization implies
+    exactly the eps that made x_t (so every sampler, which reads eps, is unchanged)."""
+    from models.diffusion import GaussianDiffusion
+
+    process = GaussianDiffusion(100, "cosine", prediction=prediction)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(6, 1, 4, 4, generator=gen) * 2 - 1, torch.randn(6, 1, 4, 4, generator=gen)
+    t = torch.tensor([0, 10, 30, 50, 80, 99])
+    x_t = process.q_sample(x0, t, noise)
+    a, s = process.signal_and_noise(t, x_t)
+    target = process.objective.target(x0, noise, a, s)
+    torch.testing.assert_close(process.objective.to_eps(target, x_t, a, s), noise, atol=1e-4, rtol=1e-4)
+    if prediction == "v":   # v = a eps - s x0 (their Eq. in Sec. 4), and x0 = a x_t - s v
+        torch.testing.assert_close(a * x_t - s * target, x0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_min_snr_loss_is_min_snr_gamma_times_the_x0_error_whatever_the_target(prediction):
+    """Hang et al. 2023: the Min-SNR-gamma loss of any parameterization equals
+    min(SNR_t, gamma) ||x_0 - x^_0||^2, x^_0 the prediction the network's output implies."""
+    from models.diffusion import GaussianDiffusion
+
+    class Constant(torch.nn.Module):
+        def forward(self, x, t):
+            return torch.full_like(x, 0.3)
+
+    process = GaussianDiffusion(200, "linear", prediction=prediction, weighting="min_snr", min_snr_gamma=5.0)
+    x0 = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    loss = process.training_loss(Constant(), x0, torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(2)                    # the same t and noise as the loss drew
+    t = torch.randint(0, 200, (8,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    x_t = process.q_sample(x0, t, noise)
+    eps = process.model_output(Constant(), x_t, t)[0]
+    x0_hat = process.predict_x0(x_t, t, eps)
+    abar = process.alphas_cumprod[t].float()
+    snr = abar / (1 - abar)
+    expected = torch.minimum(snr, torch.tensor(5.0)) * (x0 - x0_hat).pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_unknown_objectives_are_refused_with_the_choices():
+    from models.diffusion import GaussianDiffusion
+
+    with pytest.raises(ValueError, match=r"prediction 'score'.*\['eps', 'v', 'x0'\]"):
+        GaussianDiffusion(10, prediction="score")
+    with pytest.raises(ValueError, match="weighting 'p2'"):
+        GaussianDiffusion(10, weighting="p2")

@@ -35,7 +35,7 @@ def test_failed_write_keeps_the_previous_file_and_names_the_fix(tmp_path, monkey
 def test_unwritable_folder_is_reported_before_anything_is_written(tmp_path, monkeypatch):
     def mkstemp(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied")
-    monkeypatch.setattr(results_module.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     with pytest.raises(ResultsWriteError, match="Permission denied.*writable"):
         write_json(tmp_path / "results.json", {"metrics": {}})
 
@@ -52,7 +52,7 @@ def test_disk_full_at_the_end_of_a_run_fails_loudly_and_keeps_the_earlier_result
         if prefix.startswith(".results.json"):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_mkstemp(*args, prefix=prefix, **kwargs)
-    monkeypatch.setattr(results_module.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     cfg = compose_train(smoke_overrides + ["model=gan", "trainer.max_steps=8", "ckpt_path=null"], tmp_path)
     with pytest.raises(ResultsWriteError, match="No space left on device.*free space"):
         train(cfg)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from models.diffusion import objectives
 from models.noise import Noise, randn
 from models.components.likelihoods import discretized_gaussian_log_likelihood
 
@@ -85,8 +86,15 @@ class GaussianDiffusion(nn.Module):
 
     def __init__(self, num_timesteps: int = 1000, schedule: str = "linear", variance: str = "fixedlarge",
                  clip_denoised: bool = True, betas: Sequence[float] | None = None,
-                 timestep_map: Sequence[int] | None = None, loss: str = "simple", vlb_weight: float = 0.001):
+                 timestep_map: Sequence[int] | None = None, loss: str = "simple", vlb_weight: float = 0.001,
+                 prediction: str = "eps", weighting: str = "uniform", min_snr_gamma: float = 5.0):
         super().__init__()
+        self.objective = objectives.prediction(prediction)      # what the network outputs (objectives.py)
+        if weighting not in objectives.WEIGHTINGS:
+            raise ValueError(f"unknown model.diffusion.weighting {weighting!r}; choose one of {objectives.WEIGHTINGS}")
+        if not float(min_snr_gamma) > 0:
+            raise ValueError(f"model.diffusion.min_snr_gamma must be > 0, got {min_snr_gamma}")
+        self.prediction, self.weighting, self.min_snr_gamma = prediction, weighting, float(min_snr_gamma)
         if variance not in VARIANCES:
             raise ValueError(f"unknown variance {variance!r}; choose one of {VARIANCES}")
         if loss not in LOSSES:
@@ -120,6 +128,7 @@ class GaussianDiffusion(nn.Module):
             "posterior_mean_coef1": betas * np.sqrt(abar_prev) / (1.0 - abar),
             "posterior_mean_coef2": (1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
             "model_log_variance": model_log_variance, "log_betas": np.log(betas),
+            "snr": abar / (1.0 - abar),
         }
         for name, array in schedule_arrays.items():
             self.register_buffer(name, torch.from_numpy(np.asarray(array, dtype=np.float64)), persistent=False)
@@ -163,7 +172,8 @@ class GaussianDiffusion(nn.Module):
             betas = 1.0 - abar / np.append(1.0, abar[:-1])
             self._respaced[key] = GaussianDiffusion(
                 len(use), schedule=self.schedule, variance=self.variance, clip_denoised=self.clip_denoised, betas=betas,
-                loss=self.loss, vlb_weight=self.vlb_weight,
+                loss=self.loss, vlb_weight=self.vlb_weight, prediction=self.prediction, weighting=self.weighting,
+                min_snr_gamma=self.min_snr_gamma,
                 timestep_map=self.timestep_map.cpu().numpy()[use]).to(device)
         return self._respaced[key]
 
@@ -172,7 +182,17 @@ class GaussianDiffusion(nn.Module):
         return self.variance == "learned_range"
 
     def model_output(self, model: EpsModel, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
-        """(eps, v) of the network at the original timesteps; v is None for fixed variances."""
+        """(eps, v) of the network at the original timesteps, eps converted from whatever the network
+        predicts (``prediction``); v is None for fixed variances."""
+        out, v = self.raw_output(model, x_t, t)
+        return self.objective.to_eps(out, x_t, *self.signal_and_noise(t, x_t)), v
+
+    def signal_and_noise(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(sqrt(abar_t), sqrt(1 - abar_t)) broadcast to x."""
+        return self._gather(self.sqrt_alphas_cumprod, t, x), self._gather(self.sqrt_one_minus_alphas_cumprod, t, x)
+
+    def raw_output(self, model: EpsModel, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(the network's prediction, v) at the original timesteps, as the network gives them."""
         out = model(x_t, self.timestep_map[t])
         channels = x_t.shape[1]
         expected = 2 * channels if self.learned_variance else channels
@@ -232,7 +252,9 @@ class GaussianDiffusion(nn.Module):
         return {"mean": mean, "log_variance": self.model_log_variance_of(v, t, x_t), "pred_x0": x0}
 
     def training_loss(self, model: EpsModel, x0: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Eq. 14, L_simple = E_{t, x_0, eps} ||eps - eps_theta(x_t, t)||^2, t ~ U{0..T-1}; with
+        """Eq. 14, L_simple = E_{t, x_0, eps} ||eps - eps_theta(x_t, t)||^2, t ~ U{0..T-1}, in the
+        space of what the network predicts (``prediction``: eps, x_0 or v, objectives.py) and
+        weighted per t by ``weighting`` (uniform, or Min-SNR-gamma, Hang et al. 2023); with
         loss="hybrid" plus lambda L_vlb (Nichol & Dhariwal Eq. 16), L_vlb = T * L_t in bits/dim for the
         sampled t (an unbiased estimate of the sum of Eq. 5's terms, improved-diffusion's scaling), computed
         with the mean detached so that only Sigma_theta learns from it (their Sec. 3.1), and from the
@@ -242,8 +264,13 @@ class GaussianDiffusion(nn.Module):
         t = torch.randint(0, self.num_timesteps, (b,), device=x0.device, generator=generator)
         noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
         x_t = self.q_sample(x0, t, noise)
-        eps, v = self.model_output(model, x_t, t)
-        loss = (eps - noise).pow(2).flatten(1).mean(1)
+        out, v = self.raw_output(model, x_t, t)
+        a, s = self.signal_and_noise(t, x_t)
+        loss = (out - self.objective.target(x0, noise, a, s)).pow(2).flatten(1).mean(1)
+        weight = objectives.loss_weight(self.weighting, self.objective, self._gather(self.snr, t, loss), self.min_snr_gamma)
+        if weight is not None:
+            loss = loss * weight
+        eps = self.objective.to_eps(out, x_t, a, s)
         if self.loss == "hybrid":
             vlb = self.vb_terms_of(x0, x_t, t, self.mean_variance_of(eps.detach(), v, x_t, t, clip=False))
             loss = loss + self.vlb_weight * self.num_timesteps * vlb
