@@ -39,6 +39,7 @@ class TrainingLoopMixin:
         #: training batches started in this run, across epochs and resumes (stored in checkpoints);
         #: counted here because Lightning's own count lives in its loops, which are not public API
         self.batches_started = 0
+        self._in_batch = False
 
     #: the run's length in training batches when a FLOP budget planned it (scripts/train.py)
     budget_batches: int | None = None
@@ -53,9 +54,19 @@ class TrainingLoopMixin:
             return None
         return max(1, math.ceil(trainer.max_steps / self.max_optimizer_steps_per_batch))
 
+    def current_batch_index(self) -> int:
+        """The 0-based index of the batch under way, also when asked from a callback's
+        ``on_train_batch_start`` (Lightning runs those before this module's hook counts the batch)."""
+        return self.batches_started - 1 if self._in_batch else self.batches_started
+
     def on_train_batch_start(self, batch, batch_idx: int):
         self.batches_started += 1
+        self._in_batch = True
         return super().on_train_batch_start(batch, batch_idx)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._in_batch = False
+        return super().on_train_batch_end(outputs, batch, batch_idx)
 
     def is_logging_step(self) -> bool:
         """The steps on which training scalars are logged and the NaN check synchronises: the
