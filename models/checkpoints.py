@@ -50,6 +50,15 @@ class StreamingCheckpointIO(TorchCheckpointIO):
             raise TypeError("StreamingCheckpointIO takes no storage_options")
         atomic_write(Path(path), lambda f: torch.save(checkpoint, f))
 
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        """Memory-mapped and weights-only: restoring a large model reads the tensors it copies from
+        the file as needed, instead of first holding the whole checkpoint in memory."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")
+        return torch.load(path, map_location="cpu", weights_only=True if weights_only is None else weights_only,
+                          mmap=True)
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint that was asked for cannot be used."""
