@@ -64,8 +64,7 @@ def test_a_changed_width_or_batch_size_still_spends_the_budget_to_within_one_ste
                              "evaluation.num_samples=8", "evaluation.bpd_num_images=0", "trainer.max_steps=5",
                              *variant], out))
         results = json.loads((out / "results.json").read_text())
-        per_batch = results["flops_per_image"] * results["budget"]["planned_batches"] and \
-            results["flops_per_image"] * (results["train_images"] / results["budget"]["planned_batches"])
+        per_batch = results["flops_per_image"] * results["config"]["datamodule"]["batch_size"]
         assert results["budget"]["planned_batches"] * per_batch == pytest.approx(results["train_flops"])
         assert budget <= results["train_flops"] < budget + per_batch, results     # within one step
         assert results["config"]["trainer"]["max_steps"] != 5                     # the budget decided
