@@ -5,16 +5,14 @@ from pathlib import Path
 
 import hydra
 import torch
-from hydra import compose, initialize_config_dir
 
-import scripts  # noqa: F401  (registers the config resolvers)
+from models.configs import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose_cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+    return compose("train", overrides)
 
 
 def build(family: str, device: torch.device, batch_size: int, overrides: tuple[str, ...] = ()):

@@ -45,15 +45,27 @@ def quantize(images: Tensor) -> Tensor:
 
 
 def image_grid(images: Tensor, nrow: int | None = None, pad: int = 1) -> Tensor:
-    """(N, C, H, W) uint8 -> one (H', W', C) uint8 grid image (square-ish, white padding)."""
-    n, c, h, w = images.shape
+    """(N, C, H, W) uint8 -> one (H', W', C) uint8 grid image (``nrow`` images per row, square-ish
+    by default, white padding), by torchvision.utils.make_grid."""
+    from torchvision.utils import make_grid
+
+    n, c = images.shape[:2]
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    rows = math.ceil(n / nrow)
-    grid = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), 255, dtype=torch.uint8)
-    for k in range(n):
-        r, col = divmod(k, nrow)
-        grid[:, pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[k]
-    return grid.permute(1, 2, 0)
+    grid = make_grid(images, nrow=nrow, padding=pad, pad_value=255)
+    return grid[:c].permute(1, 2, 0)  # make_grid repeats one channel to three
+
+
+def grid_order(num_samples: int, grid_size: int, labels: Tensor | None) -> tuple[list[int], int]:
+    """Which samples the grid shows, in order, and how many per row. Unconditional: the first
+    ``grid_size``, square-ish. Class-conditional (``labels``: each sample's intended class): one
+    class per row, its first samples, the same number for every class."""
+    n = min(grid_size, num_samples)
+    if labels is None:
+        return list(range(n)), max(1, math.ceil(math.sqrt(n)))
+    num_classes = int(labels.max()) + 1 if len(labels) else 1
+    by_class = [torch.nonzero(labels == c).flatten().tolist() for c in range(num_classes)]
+    per_row = min(math.ceil(n / num_classes), *(len(idx) for idx in by_class))
+    return [i for idx in by_class for i in idx[:per_row]], max(1, per_row)
 
 
 def save_png(array_hwc: Tensor, path) -> None:
@@ -183,7 +195,12 @@ class Evaluator:
         module.eval()
         try:
             grid_parts: list[Tensor] = []
-            grid_idx: list[int] = []
+            grid_idx: list[int] = []  # each kept image's position in the grid
+            num_classes = label_classes(module, sampler)
+            all_labels = None if num_classes is None else \
+                self.labels_of(range(self.num_samples), num_classes, 0, class_frequencies)
+            order, per_row = grid_order(self.num_samples, self.grid_size if self.grid_size > 0 else 0, all_labels)
+            position = {i: p for p, i in enumerate(order)}
             sets: list[dict[str, float]] = []
             details: dict[str, Any] = {"extractors": {}}
             for repeat in range(self.repeats):
@@ -191,10 +208,10 @@ class Evaluator:
                     fs.reset_generated()
 
                 def consume(images: Tensor, idx: list[int], labels: Tensor | None) -> None:
-                    keep = [k for k, i in enumerate(idx) if i < self.grid_size] if repeat == 0 else []
+                    keep = [k for k, i in enumerate(idx) if i in position] if repeat == 0 else []
                     if keep:
                         grid_parts.append(images[keep].cpu())
-                        grid_idx.extend(idx[k] for k in keep)
+                        grid_idx.extend(position[idx[k]] for k in keep)
                     for fs in feature_sets:
                         fs.update_generated(images, idx, labels)
                     if sample_sink is not None and repeat == 0:
@@ -218,22 +235,21 @@ class Evaluator:
                     if key not in ("nfe", "classifier_nfe", "sec_per_sample"):
                         metrics[f"{key}_ci95"] = t_half_width(mean_std([m[key] for m in sets])[1], self.repeats)
                 details["repeats"] = {"count": self.repeats, "per_set": sets}
-            num_classes = label_classes(module, sampler)
-            if num_classes is not None:  # a pure function of the seeds: every rank can list them all
-                labels = self.labels_of(range(self.num_samples), num_classes, 0, class_frequencies)
+            if all_labels is not None:  # a pure function of the seeds: every rank can list them all
                 details["labels"] = {"distribution": self.label_distribution, "num_classes": num_classes,
-                                     "counts": torch.bincount(labels, minlength=num_classes).tolist(),
-                                     "sampled": labels.tolist()}
+                                     "counts": torch.bincount(all_labels, minlength=num_classes).tolist(),
+                                     "sampled": all_labels.tolist()}
             if module.likelihood_kind is not None and self.bpd_num_images > 0 and test_set is not None:
                 metrics["bpd"] = self.bits_per_dim(module, test_set)
                 details["bpd_kind"] = BPD_KINDS[module.likelihood_kind]
                 details["bpd_num_images"] = min(self.bpd_num_images, len(test_set))
             grid = None
-            if self.grid_size > 0:
+            if order:
                 c, h, w = module.image_shape
                 local = torch.cat(grid_parts) if grid_parts else torch.zeros((0, c, h, w), dtype=torch.uint8)
-                n_grid = min(self.grid_size, self.num_samples)
-                grid = image_grid(gather_by_index(local.to(module.device), grid_idx, n_grid).cpu())
+                grid = image_grid(gather_by_index(local.to(module.device), grid_idx, len(order)).cpu(), per_row)
+                if all_labels is not None:
+                    details["grid"] = {"rows": "one class per row, classes 0.. in order", "per_row": per_row}
             extractor = feature_sets[0].extractor_name if feature_sets else None
             return EvaluationResult(metrics, grid, self.num_samples, sampler, extractor, details)
         finally:

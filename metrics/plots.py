@@ -2,7 +2,6 @@
 vs recall, and the families' samples side by side."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -11,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from metrics.curves import CurvePoint, history  # noqa: E402
 from metrics.intervals import mean_std, t_half_width  # noqa: E402
 from metrics.report import RunRecord  # noqa: E402
 
@@ -24,30 +24,21 @@ def _save(fig, out_stem: Path) -> list[Path]:
     return paths
 
 
-def _history(record: RunRecord) -> list[dict]:
-    path = Path(record.source) / "eval_history.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def mean_and_interval(values: Sequence[float]) -> tuple[float, float]:
     """Mean and 95% Student-t half-width (0 for one value), as the table shows them."""
     mean, std = mean_std(values)
     return mean, t_half_width(std, len(values))
 
 
-def plot_fid_vs_step(records: Sequence[RunRecord], out_stem: Path, metric: str = "fid",
-                     compute: bool = False) -> list[Path]:
-    """Per family: the mean over seeds at each evaluation step, the 95% interval as a band; with
-    ``compute`` against the training compute spent by then (TFLOP: step x train_flops / train_steps)."""
+def plot_fid_vs_step(records: Sequence[RunRecord], out_stem: Path, metric: str = "fid") -> list[Path]:
+    """Per family: the mean over seeds at each evaluation step, the 95% interval as a band."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     extractor = None
     families = sorted({r.results["model"] for r in records if r.ok})
     for i, family in enumerate(families):
         by_step: dict[int, list[float]] = {}
         for r in (r for r in records if r.ok and r.results["model"] == family):
-            for h in _history(r):
+            for h in history(r.source):
                 if metric in h["metrics"]:
                     extractor = extractor or h.get("feature_extractor")
                     by_step.setdefault(h["step"], []).append(h["metrics"][metric])
@@ -55,19 +46,32 @@ def plot_fid_vs_step(records: Sequence[RunRecord], out_stem: Path, metric: str =
             continue
         steps = sorted(by_step)
         stats = [mean_and_interval(by_step[s]) for s in steps]
-        means = [m for m, _ in stats]
-        x = steps
-        if compute:
-            first = next(r.results for r in records if r.ok and r.results["model"] == family)
-            per_step = (first.get("train_flops") or 0.0) / max(first.get("train_steps") or 1, 1) / 1e12
-            x = [s * per_step for s in steps]
-        ax.plot(x, means, marker="o", ms=3, color=f"C{i}", label=family)
-        ax.fill_between(x, [m - h for m, h in stats], [m + h for m, h in stats], color=f"C{i}", alpha=0.2)
-    ax.set_xlabel("training compute (TFLOP)" if compute else "training step (optimizer steps)")
+        ax.plot(steps, [m for m, _ in stats], marker="o", ms=3, color=f"C{i}", label=family)
+        ax.fill_between(steps, [m - h for m, h in stats], [m + h for m, h in stats], color=f"C{i}", alpha=0.2)
+    ax.set_xlabel("training step (optimizer steps)")
     ax.set_ylabel(f"{metric.upper()} [{extractor}]")
     ax.set_yscale("log")
     ax.legend()
     ax.set_title("FID during training (mean, 95% interval over seeds)")
+    return _save(fig, out_stem)
+
+
+def plot_fid_vs_compute(curves: dict[str, list[CurvePoint]], out_stem: Path, ylabel: str,
+                        title: str = "FID against training compute") -> list[Path]:
+    """Per family: the mean over seeds at each budget milestone, its 95% interval as a band
+    (metrics/curves.py), on log-log axes."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for i, (family, curve) in enumerate(sorted(curves.items())):
+        x = [p.tflop for p in curve]
+        ax.plot(x, [p.mean for p in curve], marker="o", ms=3, color=f"C{i}", label=family)
+        ax.fill_between(x, [max(p.low, 1e-3) for p in curve], [p.high for p in curve], color=f"C{i}", alpha=0.2)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("training compute (TFLOP)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    seeds = max((p.n for curve in curves.values() for p in curve), default=0)
+    ax.set_title(f"{title}\n(mean, 95% interval over {seeds} seeds)", fontsize=9)
     return _save(fig, out_stem)
 
 
@@ -129,7 +133,7 @@ def plot_guidance_sweep(rows: Sequence[dict], out_stem: Path, guidance: str) -> 
     precision-recall curve the scale traces (Dhariwal & Nichol 2021, Figure 4)."""
     keys = [k for k in rows[0] if k not in ("scale", "nfe", "classifier_nfe") and not k.endswith("_ci95")]
     scales = [r["scale"] for r in rows]
-    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(2.6 * (len(keys) + 1), 2.8))
+    fig, axes = panels(len(keys) + 1, panel=(2.6, 2.4))
     for ax, key in zip(axes, keys):
         ax.errorbar(scales, [r[key] for r in rows], yerr=[r.get(f"{key}_ci95") or 0.0 for r in rows],
                     marker="o", capsize=3)
@@ -144,22 +148,35 @@ def plot_guidance_sweep(rows: Sequence[dict], out_stem: Path, guidance: str) -> 
     pr.set_xlabel("recall")
     pr.set_ylabel("precision")
     pr.set_title("precision-recall vs scale", fontsize=9)
+    for ax in axes[len(keys) + 1:]:
+        ax.axis("off")
     fig.suptitle(f"{guidance.replace('_', '-')} guidance sweep")
     fig.tight_layout()
     return _save(fig, out_stem)
 
 
+def panels(count: int, panel: tuple[float, float], columns: int = 4):
+    """A figure of ``count`` panels in rows of at most ``columns`` (readable at page width); the
+    axes in reading order, spare ones included (turn them off)."""
+    cols = max(1, min(columns, count))
+    rows = -(-count // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel[0] * cols, panel[1] * rows), squeeze=False)
+    return fig, list(axes.flat)
+
+
 def plot_sample_grids(grids: dict[str, Path], out_stem: Path) -> list[Path]:
-    """One panel per family: its final sample grid (the PNG the evaluation saved)."""
+    """One panel per family, titled with its label (e.g. the family and its FID): its final sample
+    grid (the PNG the evaluation saved), at most three panels per row."""
     from PIL import Image
 
-    fig, axes = plt.subplots(1, len(grids), figsize=(3 * len(grids), 3.2))
-    axes = [axes] if len(grids) == 1 else list(axes)
+    fig, axes = panels(len(grids), panel=(3.0, 3.4), columns=3)
+    for ax in axes:
+        ax.axis("off")
     for ax, (family, path) in zip(axes, sorted(grids.items())):
         img = Image.open(path)
         ax.imshow(img, cmap="gray" if img.mode == "L" else None, interpolation="nearest")
-        ax.set_title(family)
-        ax.axis("off")
+        ax.set_title(family, fontsize=9)
+    fig.tight_layout()
     return _save(fig, out_stem)
 
 

@@ -8,7 +8,6 @@ import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode

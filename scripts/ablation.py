@@ -2,7 +2,7 @@
 
     python scripts/ablation.py variance       # Improved DDPM: learned variances (L_hybrid) vs fixed (L_simple)
     python scripts/ablation.py architecture   # ADM Table 1's direction: the ADM UNet options vs Ho et al.'s
-    python scripts/ablation.py recipe         # the small-budget diffusion recipe at 0.3 and 1 TFLOP (FLOP budgets)
+    python scripts/ablation.py recipe --jobs 2  # the small-budget diffusion recipe at equal FLOP budgets
     python scripts/ablation.py variance --seeds 0 1 2 --num-samples 2000 --repeats 3 --out logs/ablation/v
 
 Each variant is its ablation's preset (``digits_ddpm``; ``digits_matched_ddpm`` for ``recipe``) plus the
@@ -10,7 +10,7 @@ overrides below, trained at equal steps per seed (``recipe``: at equal FLOP budg
 every checkpoint is scored by scripts/evaluate.py's evaluate() at the ablation's samplers with
 ``--repeats`` independent sample draws of ``--num-samples`` (classifier features, the digits
 training set as reference, as in every digits run), and, for ``variance``, the full variational bound in bits/dim. Writes
-<out>/ablation.json and <out>/ablation.md (mean +- std over seeds x draws) and prints the table.
+<out>/ablation.json and <out>/ablation.md (mean ± 95% t-interval over seeds x draws) and prints the table.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from metrics.intervals import mean_std  # noqa: E402
+from metrics.intervals import mean_std, t_half_width  # noqa: E402
 from metrics.results import atomic_write_text, read_results, write_json  # noqa: E402
 from scripts.main_job import compose_config, eval_config, sampler_overrides  # noqa: E402
 
@@ -40,18 +40,48 @@ ANCESTRAL = {"name": "ancestral", "eta": 1.0}
 #: sampling, which every variant supports (DDIM with eta > 0 refuses learned variances)
 TRAIN_EVALUATION = ["evaluation.every_n_steps=0", "evaluation.num_samples=256", "evaluation.bpd_num_images=0",
                     "evaluation.sampler={name:ancestral,steps:50}", "evaluation.final_sampler={name:ancestral,steps:50}"]
-#: the small-budget recipe (issue: diffusion at the main job's budgets): the compute-matched DDPM
-#: (width 16, warm-up a tenth of the run) at two budgets, one change at a time from Ho et al.'s recipe
-RECIPE_BUDGETS = {"0.3 TFLOP": 3e11, "1 TFLOP": 1e12}
-RECIPES = {
-    "Ho et al. (eps, uniform), batch 128": [],
-    "batch 32": ["datamodule.batch_size=32"],
-    "batch 32, v-prediction": ["datamodule.batch_size=32", "model.diffusion.prediction=v"],
-    "batch 32, Min-SNR-5": ["datamodule.batch_size=32", "model.diffusion.weighting=min_snr"],
-    "batch 32, v + Min-SNR-5": ["datamodule.batch_size=32", "model.diffusion.prediction=v",
-                                "model.diffusion.weighting=min_snr"],
-    "batch 32, lr 2e-3 cosine": ["datamodule.batch_size=32", "model.optimizer.lr=2e-3", "model.lr_decay=cosine"],
-    "batch 32, EMA ramp-up 0.1": ["datamodule.batch_size=32", "model.ema_rampup=0.1", "model.ema_warmup=false"],
+#: the small-budget recipe: the compute-matched DDPM (digits_matched_ddpm's UNet of width 16, warm-up
+#: a tenth of the run) from Ho et al.'s recipe (linear betas, eps, uniform weighting, dropout 0.1,
+#: batch 128), one change at a time, at equal FLOP budgets; then the chosen recipe (the preset's)
+#: across budgets, against digits_ddpm's Ho et al. recipe at its 7.45 TFLOP (the efficiency target)
+HO_RECIPE = {"datamodule.batch_size": 128, "model.diffusion.schedule": "linear", "model.diffusion.prediction": "eps",
+             "model.diffusion.weighting": "uniform", "model.net.dropout": 0.1, "model.optimizer.lr": 1e-3,
+             "model.lr_decay": "constant", "model.ema_rampup": None, "model.ema_warmup": True}
+
+
+def recipe(**changes) -> list[str]:
+    """Ho et al.'s recipe with ``changes`` (keys with "__" for "."), as overrides."""
+    settings = {**HO_RECIPE, **{k.replace("__", "."): v for k, v in changes.items()}}
+    return [f"{k}={'null' if v is None else v}" for k, v in settings.items()]
+
+
+B32 = {"datamodule__batch_size": 32}
+COSINE = {**B32, "model__diffusion__schedule": "cosine"}
+#: the recipe digits_matched_ddpm (and the main job) uses: batch 32, cosine betas, no dropout
+CHOSEN = {**COSINE, "model__net__dropout": 0.0}
+RECIPES_1TFLOP = {
+    "Ho et al. (linear betas, eps, uniform, dropout 0.1), batch 128": recipe(),
+    "batch 32": recipe(**B32),
+    "batch 32, v-prediction": recipe(**B32, model__diffusion__prediction="v"),
+    "batch 32, Min-SNR-5": recipe(**B32, model__diffusion__weighting="min_snr"),
+    "batch 32, dropout 0": recipe(**B32, model__net__dropout=0.0),
+    "batch 32, lr 2e-3 cosine decay": recipe(**B32, model__optimizer__lr=2e-3, model__lr_decay="cosine"),
+    "batch 32, EMA ramp-up 0.1": recipe(**B32, model__ema_rampup=0.1, model__ema_warmup=False),
+    "batch 32, cosine betas": recipe(**COSINE),
+    "batch 32, cosine betas, v-prediction": recipe(**COSINE, model__diffusion__prediction="v"),
+    "batch 32, cosine betas, Min-SNR-5": recipe(**COSINE, model__diffusion__weighting="min_snr"),
+    "batch 32, cosine betas, dropout 0 (the preset)": recipe(**CHOSEN),
+    "batch 32, cosine betas, dropout 0, Min-SNR-5": recipe(**CHOSEN, model__diffusion__weighting="min_snr"),
+}
+RECIPE_VARIANTS = {
+    **{f"{name} @ 1 TFLOP": [*overrides, "budget.train_flops=1e12"] for name, overrides in RECIPES_1TFLOP.items()},
+    "Ho et al., batch 128 @ 0.3 TFLOP": [*recipe(), "budget.train_flops=3e11"],
+    "the preset's recipe @ 0.3 TFLOP": [*recipe(**CHOSEN), "budget.train_flops=3e11"],
+    "the preset's recipe @ 2.5 TFLOP": [*recipe(**CHOSEN), "budget.train_flops=2.5e12"],
+    # the efficiency target's reference: digits_ddpm as it is (Ho et al.'s recipe, width 32, 600 steps)
+    "digits_ddpm, Ho et al., width 32 @ 7.45 TFLOP": ["experiment=digits_ddpm", "model.diffusion.schedule=linear",
+                                                       "model.net.dropout=0.1", "budget=none"],
+    "digits_ddpm, cosine betas, dropout 0 (the preset) @ 7.45 TFLOP": ["experiment=digits_ddpm", "budget=none"],
 }
 DDIM_50 = {"name": "ddim", "steps": 50, "eta": 1.0}
 ABLATIONS = {
@@ -71,8 +101,7 @@ ABLATIONS = {
     # Salimans & Ho 2022 (v), Hang et al. 2023 (Min-SNR-gamma), batch size, lr and schedule, EDM's EMA
     # ramp-up (Karras et al. 2022), each at two FLOP budgets
     "recipe": {"preset": "digits_matched_ddpm",
-               "variants": {f"{name} @ {budget}": [*overrides, f"budget.train_flops={flops:g}"]
-                            for budget, flops in RECIPE_BUDGETS.items() for name, overrides in RECIPES.items()},
+               "variants": RECIPE_VARIANTS,
                "samplers": {"DDIM-50 eta=1": DDIM_50},
                "train_evaluation": ["evaluation.every_n_steps=0", "evaluation.num_samples=64",
                                     "evaluation.bpd_num_images=0", "evaluation.grid_size=64"],
@@ -89,14 +118,37 @@ def finished(run: Path) -> bool:
 
 
 def spread(values: list[float]) -> dict:
+    """Mean, standard deviation and 95% Student-t half-width over the seeds x draws (the "±" of
+    every genbench table: metrics/intervals.py)."""
     mean, std = mean_std(values)
-    return {"mean": mean, "std": std, "n": len(values), "values": values}
+    return {"mean": mean, "std": std, "ci95": t_half_width(std, len(values)), "n": len(values), "values": values}
+
+
+def slug_of(variant: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in variant.replace(" ", "_").replace(".", ""))
+
+
+def train_variant(preset: str, seed: int, overrides: list[str], run: Path, label: str) -> float:
+    """Train one (variant, seed) run into ``run``; the seconds it took."""
+    from scripts.train import train
+
+    started = time.perf_counter()
+    # a variant may name its own preset ("experiment=..." among its overrides)
+    preset = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), preset)
+    overrides = [o for o in overrides if not o.startswith("experiment=")]
+    train(compose_config("train", [f"experiment={preset}", f"seed={seed}", "logger=csv", "callbacks.progress_bar=null",
+                                   *overrides], run))
+    seconds = time.perf_counter() - started
+    print(f"  trained {label}, seed {seed}: {seconds:.0f} s", flush=True)
+    return seconds
 
 
 def run_ablation(name: str, out: Path, seeds: list[int], num_samples: int, repeats: int, bpd_images: int,
-                 extra: list[str], only: list[str] | None = None) -> dict:
+                 extra: list[str], only: list[str] | None = None, jobs: int = 1) -> dict:
+    """Train every (variant, seed) not yet finished, ``jobs`` at a time (single-threaded workers
+    side by side), then score each checkpoint."""
     from scripts.evaluate import evaluate
-    from scripts.train import train
+    from scripts.main_job import run_parallel
 
     spec = ABLATIONS[name]
     rows = {}
@@ -104,20 +156,19 @@ def run_ablation(name: str, out: Path, seeds: list[int], num_samples: int, repea
     unknown = sorted(set(only or []) - set(spec["variants"]))
     if unknown:
         raise ValueError(f"unknown {name} variants {unknown}; known: {sorted(spec['variants'])}")
+    training = [(train_variant, spec.get("preset", "digits_ddpm"), seed,
+                 [*spec.get("train_evaluation", TRAIN_EVALUATION), *overrides, *extra],
+                 out / "runs" / f"{slug_of(variant)}_seed{seed}", variant)
+                for variant, overrides in variants.items() for seed in seeds
+                if not finished(out / "runs" / f"{slug_of(variant)}_seed{seed}")]
+    run_parallel(training, jobs)
     for variant, overrides in variants.items():
-        slug = "".join(c if c.isalnum() or c in "_-" else "_"
-                       for c in variant.replace(" ", "_").replace(".", ""))
+        slug = slug_of(variant)
         row: dict = {"overrides": overrides, "fid": {}, "num_params": None}
         fids: dict[str, list[float]] = {s: [] for s in spec["samplers"]}
         bpds: list[float] = []
         for seed in seeds:
             run = out / "runs" / f"{slug}_seed{seed}"
-            if not finished(run):
-                started = time.perf_counter()
-                train(compose_config("train", [f"experiment={spec.get('preset', 'digits_ddpm')}", f"seed={seed}",
-                                               "logger=csv", "callbacks.progress_bar=null",
-                                               *spec.get("train_evaluation", TRAIN_EVALUATION), *overrides, *extra], run))
-                print(f"  trained {variant}, seed {seed}: {time.perf_counter() - started:.0f} s", flush=True)
             for i, (label, sampler) in enumerate(spec["samplers"].items()):
                 with_bpd = spec["bpd"] and i == 0
                 r = evaluate(eval_config(run / "checkpoints" / "last.ckpt", out / "evals" / f"{slug}_seed{seed}" / label,
@@ -150,12 +201,14 @@ def markdown(result: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, row in result["variants"].items():
         cells = [variant, f"{row['num_params'] / 1e6:.2f}M" if row["num_params"] else "?"]
-        cells += [f"{row['fid'][label]['mean']:.3f} +- {row['fid'][label]['std']:.3f}" for label in labels]
+        cells += [f"{row['fid'][label]['mean']:.2f} ± {row['fid'][label]['ci95']:.2f}" for label in labels]
         if has_bpd:
-            cells.append(f"{row['bpd']['mean']:.4f} +- {row['bpd']['std']:.4f}")
+            cells.append(f"{row['bpd']['mean']:.4f} ± {row['bpd']['ci95']:.4f}")
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"\n{len(result['seeds'])} seeds x {result['repeats']} sample draws of N = {result['num_samples']} "
-                 f"(FID on the digits classifier's features); bits/dim over {result['bpd_images']} test images per seed.")
+    lines.append(f"\nMean ± 95% Student-t interval over {len(result['seeds'])} seeds x {result['repeats']} sample draws "
+                 f"of N = {result['num_samples']} (FID on the digits classifier's features, the training digits as "
+                 f"reference); bits/dim over {result['bpd_images']} test images per seed. Draws of one checkpoint share "
+                 "its seed, so the interval is narrower than one over seeds alone would be.")
     return "\n".join(lines) + "\n"
 
 
@@ -168,11 +221,12 @@ def main(argv=None) -> None:
     parser.add_argument("--bpd-images", type=int, default=200)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--only", nargs="+", default=None, help="run only these variants (their names above)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs trained side by side (1 thread each)")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for training and evaluation (paths.*)")
     args = parser.parse_intermixed_args(argv)
     out = args.out or ROOT / "logs" / "ablation" / args.ablation
     result = run_ablation(args.ablation, out, args.seeds, args.num_samples, args.repeats, args.bpd_images,
-                          args.overrides, args.only)
+                          args.overrides, args.only, args.jobs)
     print(markdown(result))
     print(f"written: {out / 'ablation.json'}, {out / 'ablation.md'}")
 

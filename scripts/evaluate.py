@@ -21,7 +21,7 @@ from typing import Any
 
 import hydra
 
-import scripts  # noqa: F401  (registers the config resolvers)
+import models.configs  # noqa: F401  (registers the config resolvers)
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf

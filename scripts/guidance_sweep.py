@@ -23,7 +23,7 @@ from typing import Any
 
 import hydra
 
-import scripts  # noqa: F401  (registers the config resolvers)
+import models.configs  # noqa: F401  (registers the config resolvers)
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 log = logging.getLogger(__name__)

@@ -33,17 +33,18 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable
 
-from metrics.plots import final_grid, plot_fid_vs_nfe, plot_fid_vs_step, plot_precision_recall, plot_sample_grids
+from metrics.curves import compute_curves, crossover, crossover_text
+from metrics.plots import (final_grid, plot_fid_vs_compute, plot_fid_vs_nfe, plot_fid_vs_step, plot_precision_recall,
+                           plot_sample_grids)
 from metrics.report import build_table, collect_local, sampler_text, to_markdown, write_table
 from scripts.overview import clock, watch
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("gan", "ddpm", "realnvp", "vae")  # longest first: the two parallel workers finish together
-#: the two parts of the comparison: every family at the same training budget (BUDGET_FLOPS;
-#: conf/experiment/digits_matched_*.yaml), unconditional and class-conditional
+#: the two parts of the comparison: every family at the same training budget with the same
+#: milestones (conf/budget/main.yaml, which conf/experiment/digits_matched_*.yaml use),
+#: unconditional and class-conditional
 PARTS = {"unconditional": "digits_matched_{}", "conditional": "digits_cond_{}"}
-MATCHED_PRESET = PARTS["unconditional"]
-BUDGET_FLOPS = 0.3e12
 CLASSIFIER_PRESET = "digits_noisy_classifier"
 #: the main job's extra overrides that also apply to the noise-aware classifier
 CLASSIFIER_OVERRIDES = ("paths.", "logger", "trainer.max_steps")
@@ -54,7 +55,7 @@ SWEEPS = {"classifier_free": [0.0, 0.5, 1.0, 2.0, 4.0], "classifier": [0.0, 1.0,
 #: the sweeps' sampler: DDIM-10 (eta 1) keeps 2 x 5 scales x 3 sample sets inside the CPU budget
 SWEEP_SAMPLER = {"name": "ddim", "steps": 10, "eta": 1.0}
 SWEEP_REPEATS = 3
-SWEEP_SAMPLES = 256
+SWEEP_SAMPLES = 1000
 #: what the main job runs per dataset (--dataset): its parts, the overrides of every run, the config
 #: its caches are built with, and whether the guidance stage and the FID-vs-NFE curve follow
 DATASETS = {
@@ -104,13 +105,11 @@ def prepare_caches(extractors: list[str], overrides: list[str]) -> None:
     """Train the classifier and compute the real-image statistics once, before jobs run in parallel
     (otherwise two jobs would compute the same Inception reference at the same time)."""
     import hydra
-    from hydra import compose, initialize_config_dir
 
-    import scripts  # noqa: F401  (resolvers)
     from metrics.features import build_feature_metrics
+    from models.configs import compose
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[o for o in overrides if o.startswith(("paths.", "datamodule", "evaluation"))])
+    cfg = compose("train", [o for o in overrides if o.startswith(("paths.", "datamodule", "evaluation"))], Path("unused"))
     datamodule = hydra.utils.instantiate(cfg.datamodule)
     datamodule.prepare_data()  # fetch the dataset once (offline sources too) before any job reads it
     for name in extractors:
@@ -120,16 +119,9 @@ def prepare_caches(extractors: list[str], overrides: list[str]) -> None:
 
 def compose_config(config_name: str, overrides: list[str], out_dir: Path):
     """The config ``scripts/<config_name>.py <overrides>`` would see, writing to ``out_dir``."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
+    from models.configs import compose
 
-    import scripts  # noqa: F401  (resolvers)
-
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out_dir)
-    return cfg
+    return compose(config_name, overrides, out_dir)
 
 
 def eval_config(ckpt: Path, out_dir: Path, overrides: list[str], extra: list[str], config_name: str = "eval",
@@ -321,17 +313,37 @@ def guidance_label(results: dict) -> str:
     return ", ".join([results["model"], *guided])
 
 
+def grid_title(results: dict) -> str:
+    """A sample grid's panel title: the run's label and its FID (the grid sits beside its number)."""
+    fid = results.get("metrics", {}).get("fid")
+    score = "" if fid is None else f"\nFID {fid:.1f} [{results.get('feature_extractor', '')}], seed {results.get('seed')}"
+    return guidance_label(results) + score
+
+
 def write_part(name: str, records: list, out: Path, seeds: list[int]) -> dict:
     """One part's table (table_<part>.{md,tex,csv}) and plots (plots/<part>_*.png|pdf)."""
     table = build_table(records)
     files = write_table(table, out, stem=f"table_{name}")
     plots = out / "plots"
     plot_fid_vs_step(records, plots / f"{name}_fid_vs_step")
-    plot_fid_vs_step(records, plots / f"{name}_fid_vs_compute", compute=True)
+    curves = compute_curves([r for r in records if not _guided(r)])
+    extractor = next((r.results.get("feature_extractor") for r in records if r.ok), "")
+    plot_fid_vs_compute(curves, plots / f"{name}_fid_vs_compute", f"FID [{extractor}]",
+                        title=f"{name}: FID against training compute")
     plot_precision_recall(records, plots / f"{name}_precision_recall", label=guidance_label)
-    grids = {guidance_label(r.results): final_grid(r) for r in records if r.ok and r.results["seed"] == seeds[0]}
+    grids = {grid_title(r.results): final_grid(r) for r in records if r.ok and r.results["seed"] == seeds[0]}
     plot_sample_grids({k: v for k, v in grids.items() if v is not None}, plots / f"{name}_samples")
-    return {"table": table, "files": {k: str(v) for k, v in files.items()}}
+    result = {"table": table, "files": {k: str(v) for k, v in files.items()},
+              "curves": {family: [vars(p) for p in curve] for family, curve in curves.items()}}
+    if {"ddpm", "gan"} <= set(curves):
+        result["crossover"] = crossover(curves, "ddpm", "gan")
+        result["crossover"]["text"] = crossover_text(result["crossover"], f"FID [{extractor}]")
+    return result
+
+
+def _guided(record) -> bool:
+    """A classifier-guided evaluation of a trained run (it has no training curve of its own)."""
+    return "classifier" in (record.results or {})  # guided_budget() adds the classifier's share
 
 
 def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str, str] | None = None,
@@ -407,7 +419,9 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str
     wall = time.perf_counter() - start
     failed = [r.source for t in tables.values() for r in t["table"].failed]
     summary.update({"wall_seconds": wall, "runs": len(records), "failed": failed,
-                    "table_files": {name: t["files"] for name, t in tables.items()}, "plots": str(out / "plots")})
+                    "table_files": {name: t["files"] for name, t in tables.items()}, "plots": str(out / "plots"),
+                    "curves": {name: t["curves"] for name, t in tables.items()},
+                    "crossover": {name: t["crossover"] for name, t in tables.items() if "crossover" in t}})
     (out / "main_job.json").write_text(json.dumps(summary, indent=2))
     return {"tables": {name: t["table"] for name, t in tables.items()}, **summary}
 
@@ -444,6 +458,8 @@ def main(argv=None) -> None:
                           sweep_samples=args.sweep_samples, dataset=args.dataset)
     for name, table in result["tables"].items():
         print(f"\n{name}:\n" + to_markdown(table))
+    for name, found in result["crossover"].items():
+        print(f"crossover, {name}: {found['text']}")
     print(f"main job finished in {result['wall_seconds'] / 60:.1f} min")
     print(f"runs:   {out / 'runs'}")
     print(f"tables: {out}/table_<part>.md|tex|csv; guidance sweeps: {out / 'sweeps'}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import hydra
 
-import scripts  # noqa: F401  (registers the config resolvers)
+import models.configs  # noqa: F401  (registers the config resolvers)
 from scripts import ddp_launch
 import pytorch_lightning as pl
 import torch

@@ -9,7 +9,7 @@ import json
 
 import hydra
 
-import scripts  # noqa: F401  (registers the config resolvers)
+import models.configs  # noqa: F401  (registers the config resolvers)
 from omegaconf import DictConfig
 
 from metrics.classifier import load_or_train_classifier

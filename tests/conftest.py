@@ -5,14 +5,10 @@ import os
 from pathlib import Path
 
 import pytest
-import scripts  # noqa: F401  (registers the config resolvers)
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from models.configs import CONF_DIR, compose  # noqa: F401  (CONF_DIR: for the tests)
+from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -21,16 +17,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 def compose_train(overrides: list[str], output_dir: Path | None = None, config_name: str = "train",
                   keep_hydra: bool = False) -> DictConfig:
     """The config `python scripts/train.py <overrides>` would see, with the run dir at output_dir."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)
-    with open_dict(cfg):
-        if output_dir is not None:
-            cfg.paths.output_dir = str(output_dir)
-        if not keep_hydra:
-            del cfg["hydra"]
-    return cfg
+    return compose(config_name, overrides, output_dir, keep_hydra)
 
 
 @pytest.fixture(scope="session")

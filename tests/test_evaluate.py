@@ -10,21 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import CONF_DIR, ROOT
+from conftest import ROOT
+from models.configs import compose
 from metrics.image_sets import ImageSetError, load_image_set
 from metrics.reference import REAL_IMAGE_PASSES, ReferenceCacheWarning, cache_path, load_or_compute_reference, reference_spec
 
 
 def compose_eval(overrides, output_dir):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import open_dict
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="eval", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(output_dir)
-    return cfg
+    return compose("eval", overrides, output_dir)
 
 
 class CountingExtractor(torch.nn.Module):

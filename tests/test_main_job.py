@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, compose_train
-from metrics.plots import final_grid, plot_fid_vs_nfe, plot_fid_vs_step, plot_precision_recall, plot_sample_grids
+from conftest import compose_train
+from metrics.curves import CurvePoint, compute_curves, crossover
+from metrics.plots import (final_grid, plot_fid_vs_compute, plot_fid_vs_nfe, plot_fid_vs_step, plot_precision_recall,
+                           plot_sample_grids)
 from metrics.report import collect_local
 
 
@@ -17,12 +19,14 @@ def runs(tmp_path):
         d = tmp_path / f"{model}_seed0"
         (d / "samples").mkdir(parents=True)
         Image.fromarray(np.full((19, 19), 40 * (i + 1), np.uint8)).save(d / "samples" / "step0000100.png")
-        hist = [{"step": s, "feature_extractor": "classifier", "metrics": {"fid": fid * 100 / s}} for s in (100, 200, 400)]
+        hist = [{"step": s, "batches": s, "feature_extractor": "classifier", "metrics": {"fid": fid * 100 / s}}
+                for s in (100, 200, 400)]
         (d / "eval_history.jsonl").write_text("\n".join(json.dumps(h) for h in hist) + "\n")
         (d / "results.json").write_text(json.dumps({
             "model": model, "dataset": "digits", "seed": 0, "num_params": 1, "train_steps": 400,
             "feature_extractor": "classifier", "num_samples": 256, "sampler": {}, "status": "ok",
-            "metrics": {"fid": fid, "precision": 0.5, "recall": 0.6}}))
+            "metrics": {"fid": fid, "precision": 0.5, "recall": 0.6},
+            "train_flops": 4e11, "budget": {"train_flops_budget": 4e11, "planned_batches": 400}}))
     return tmp_path
 
 
@@ -30,7 +34,7 @@ def test_plots_are_written_as_png_and_pdf(runs, tmp_path):
     records = collect_local([runs])
     out = tmp_path / "plots"
     written = plot_fid_vs_step(records, out / "fid_vs_step") + plot_precision_recall(records, out / "pr")
-    written += plot_fid_vs_step(records, out / "fid_vs_compute", compute=True)
+    written += plot_fid_vs_compute(compute_curves(records), out / "fid_vs_compute", "FID [classifier]")
     written += plot_fid_vs_nfe([{"label": "DDIM-10", "nfe": 10, "fid": 20.0}, {"label": "DDIM-50", "nfe": 50, "fid": 12.0},
                                 {"label": "ancestral-1000", "nfe": 1000, "fid": 10.0}], out / "nfe")
     written += plot_sample_grids({r.results["model"]: final_grid(r) for r in records}, out / "samples")
@@ -38,6 +42,26 @@ def test_plots_are_written_as_png_and_pdf(runs, tmp_path):
     for path in written:
         assert path.stat().st_size > 1000
     assert Image.open(out / "samples.png").size[0] > 300
+
+
+def test_compute_curves_put_each_milestone_at_the_flops_spent_by_then(runs):
+    curves = compute_curves(collect_local([runs]))
+    assert [p.tflop for p in curves["gan"]] == pytest.approx([0.1, 0.2, 0.4])  # batches x 4e11 / 400
+    assert [p.mean for p in curves["ddpm"]] == pytest.approx([10.0, 5.0, 2.5])
+    assert all(p.n == 1 and p.half_width == 0.0 for p in curves["ddpm"])
+
+
+def test_crossover_is_the_first_budget_where_one_interval_lies_wholly_below_the_other():
+    def curve(means, half):
+        return [CurvePoint(t, m, half, 3) for t, m in zip((0.25, 0.5, 1.0, 2.0), means)]
+    gan = curve([20.0, 14.0, 12.0, 12.0], 1.0)
+    # overlapping at 1.0 (11.5 + 1 > 12 - 1), separated from 2.0 on
+    ddpm = curve([60.0, 30.0, 11.5, 8.0], 1.0)
+    found = crossover({"ddpm": ddpm, "gan": gan}, "ddpm", "gan")
+    assert found["crossover_tflop"] == 2.0 and found["stays_below"]
+    assert found["at_largest"]["below"] and found["at_largest"]["ddpm"] == [8.0, 1.0]
+    never = crossover({"ddpm": curve([60.0, 30.0, 20.0, 13.0], 1.0), "gan": gan}, "ddpm", "gan")
+    assert never["crossover_tflop"] is None and not never["at_largest"]["below"]
 
 
 def test_sampler_settings_are_recorded_only_by_the_family_that_uses_them():
@@ -134,22 +158,20 @@ def test_guidance_sweep_refuses_bad_scales(scales, match):
 def test_mnist_main_job_composes_every_run_and_its_caches(tmp_path):
     """--dataset mnist: the four mnist_<family> presets (one sweep), the MNIST caches and no guidance
     stage; every job's config composes (a full run is the README's measured make main-mnist)."""
-    from hydra import compose, initialize_config_dir
-
+    from models.configs import compose
     from scripts.main_job import DATASETS, FAMILIES
 
     profile = DATASETS["mnist"]
     assert profile["parts"] == {"unconditional": "mnist_{}"} and not profile["guidance"]
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        for family in FAMILIES:
-            cfg = compose(config_name="train", overrides=[f"experiment=mnist_{family}", *profile["overrides"]])
-            assert cfg.datamodule.name == "mnist" and cfg.datamodule.image_size == 32
-            assert cfg.evaluation.final_extractors == ["inception_pool"] and cfg.evaluation.num_samples >= 2000
-            assert cfg.evaluation.reference.split == "test" and cfg.evaluation.reference.num_images is None
-            cond = compose(config_name="train", overrides=[f"experiment=mnist_cond_{family}"])
-            assert cond.model.num_classes == 10
-        caches = compose(config_name="train", overrides=profile["caches"])
-        assert caches.datamodule.name == "mnist" and caches.evaluation.reference.split == "test"
+    for family in FAMILIES:
+        cfg = compose("train", [f"experiment=mnist_{family}", *profile["overrides"]])
+        assert cfg.datamodule.name == "mnist" and cfg.datamodule.image_size == 32
+        assert cfg.evaluation.final_extractors == ["inception_pool"] and cfg.evaluation.num_samples >= 2000
+        assert cfg.evaluation.reference.split == "test" and cfg.evaluation.reference.num_images is None
+        cond = compose("train", [f"experiment=mnist_cond_{family}"])
+        assert cond.model.num_classes == 10
+    caches = compose("train", profile["caches"])
+    assert caches.datamodule.name == "mnist" and caches.evaluation.reference.split == "test"
 
 
 def test_a_classifier_guided_row_counts_the_classifiers_budget_and_parameters():

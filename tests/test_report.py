@@ -1,12 +1,11 @@
 """make_table: the table maths on hand-made results.json files, broken runs, W&B == local."""
 import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from metrics.report import build_table, collect_local, collect_wandb, mean_std, to_csv, to_latex, to_markdown
+from metrics.report import build_table, collect_local, mean_std, to_csv, to_latex, to_markdown
 from scripts.make_table import make_table
 
 

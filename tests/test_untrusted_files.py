@@ -111,7 +111,7 @@ def test_a_stored_config_naming_foreign_code_is_refused(tmp_path, smoke_checkpoi
         node = config
         for key in where.split("."):
             node[key] = dict(node[key])
-            parent, node = node, node[key]
+            node = node[key]
         node["_target_"] = target
         path = tmp_path / f"{where}.ckpt"
         torch.save({**real, "genbench_config": config}, path)

@@ -14,7 +14,6 @@ summed over positions ("cGANs with Projection Discriminator", Eq. 3).
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 

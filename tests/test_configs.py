@@ -1,0 +1,28 @@
+"""Composing a preset from Python: one documented function, no import for its side effect."""
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_fresh(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (nothing of the test session imported), from the repository root."""
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+def test_a_notebook_composes_a_paper_preset_with_models_configs_compose():
+    done = run_fresh("from models.configs import compose\n"
+                     "cfg = compose('train', ['experiment=adm_imagenet64_cond'])\n"
+                     "print(cfg.model.net.attention_resolutions, cfg.model.net.null_class, cfg.model.num_classes)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[32,", "16,", "8]", "False", "1000"]
+
+
+def test_hydras_own_compose_resolves_once_any_genbench_module_is_imported():
+    done = run_fresh("import models.ddpm\n"
+                     "from hydra import compose, initialize_config_dir\n"
+                     f"with initialize_config_dir(config_dir={str(ROOT / 'conf')!r}, version_base='1.3'):\n"
+                     "    cfg = compose(config_name='train', overrides=['experiment=digits_cond_ddpm'])\n"
+                     "print(list(cfg.model.net.attention_resolutions), cfg.model.net.null_class)")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[4]", "True"]
