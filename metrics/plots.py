@@ -69,7 +69,8 @@ def plot_fid_vs_compute(curves: dict[str, list[CurvePoint]], out_stem: Path, yla
     ax.set_yscale("log")
     ax.set_xlabel("training compute (TFLOP)")
     ax.set_ylabel(ylabel)
-    ax.legend(fontsize=8)
+    if curves:
+        ax.legend(fontsize=8)
     seeds = max((p.n for curve in curves.values() for p in curve), default=0)
     ax.set_title(f"{title}\n(mean, 95% interval over {seeds} seeds)", fontsize=9)
     return _save(fig, out_stem)
