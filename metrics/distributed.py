@@ -39,3 +39,12 @@ def gather_by_index(items: torch.Tensor, indices: list[int], n: int) -> torch.Te
     if not bool((mask == 1).all()):
         raise RuntimeError("gather_by_index: some indices were held by no rank or by several")
     return out.to(items.dtype)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the rendezvous of processes started on this machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -306,12 +306,15 @@ def _fmt(row: dict, key: str, bold: tuple[str, str]) -> str:
     return f"{bold[0]}{text}{bold[1]}" if cell.best else text
 
 
-def to_markdown(table: Table) -> str:
-    head = table.group_by + ["seeds"] + [title for _, title, _ in table.columns]
+def to_markdown(table: Table, columns: Sequence[str] | None = None) -> str:
+    """The table as Markdown; ``columns``: only these metric keys (in this order), e.g. a headline."""
+    shown = table.columns if columns is None else \
+        [c for key in columns for c in table.columns if c[0] == key]
+    head = table.group_by + ["seeds"] + [title for _, title, _ in shown]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table.rows:
         vals = [str(row[k]) for k in table.group_by] + [str(len(row["seeds"]))]
-        vals += [_fmt(row, key, ("**", "**")) for key, _, _ in table.columns]
+        vals += [_fmt(row, key, ("**", "**")) for key, _, _ in shown]
         lines.append("| " + " | ".join(vals) + " |")
     out = "\n".join(lines) + f"\n\n{table.caption}\n"
     if table.failed:

@@ -9,12 +9,14 @@ use, so a config composed with Hydra's own ``compose`` resolves too.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Sequence
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+_COMPOSING = threading.Lock()
 
 
 def register_resolvers() -> None:
@@ -43,11 +45,12 @@ def compose(config_name: str = "train", overrides: Sequence[str] = (), output_di
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    if GlobalHydra.instance().is_initialized():  # e.g. a notebook that initialized Hydra itself
-        GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
-        HydraConfig.instance().set_config(cfg)  # ${hydra:...} interpolations resolve as in a run
+    with _COMPOSING:  # Hydra's global state: one composition at a time (the main job composes in threads)
+        if GlobalHydra.instance().is_initialized():  # e.g. a notebook that initialized Hydra itself
+            GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+            HydraConfig.instance().set_config(cfg)  # ${hydra:...} interpolations resolve as in a run
     with open_dict(cfg):
         if output_dir is not None:
             cfg.paths.output_dir = str(output_dir)

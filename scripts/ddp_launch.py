@@ -12,11 +12,12 @@ gives N run directories, not N * G.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from contextlib import contextmanager
 from typing import Iterator, Sequence
+
+from metrics.distributed import free_port
 
 #: what the launcher exports into its own environment; left behind, the next job of a multirun
 #: in this process would believe it is a child rank ("LOCAL_RANK" set) and wait for peers forever
@@ -57,12 +58,6 @@ def needs_own_launch(strategy, devices, num_nodes: int) -> bool:
             and not SLURMEnvironment.detect() and not TorchElasticEnvironment.detect())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def job_ranks(strategy, devices, num_nodes: int = 1) -> Iterator[None]:
     """Run one job's fit. Where :func:`needs_own_launch`, start ranks 1..N-1 of this job first and
@@ -73,7 +68,7 @@ def job_ranks(strategy, devices, num_nodes: int = 1) -> Iterator[None]:
     try:
         if needs_own_launch(strategy, devices, num_nodes):
             world = int(devices) if isinstance(devices, int) else len(devices)
-            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), NODE_RANK="0",
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), NODE_RANK="0",
                               WORLD_SIZE=str(world), LOCAL_RANK="0")
             for rank in range(1, world):
                 command, cwd = hydra_job_command(rank)

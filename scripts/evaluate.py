@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from metrics.distributed import free_port
 from metrics.evaluation import Evaluator, save_png
 from metrics.feature_metrics import mean_cov
 from metrics.features import NEEDS_REFERENCE_FEATURES, FeatureMetrics, build_extractor, build_feature_metrics
@@ -93,12 +93,6 @@ def _evaluate_checkpoint_worker(rank: int, world: int, port: int, cfg: DictConfi
             torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
     world = int(cfg.get("num_processes", 1))
     if cfg.get("save_samples") and world > 1:
@@ -111,7 +105,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict[str, Any]:
 
     manager = mp.Manager()
     shared = manager.dict()
-    mp.spawn(_spawn_entry, args=(world, _free_port(), cfg, shared), nprocs=world, join=True)
+    mp.spawn(_spawn_entry, args=(world, free_port(), cfg, shared), nprocs=world, join=True)
     return dict(shared)
 
 

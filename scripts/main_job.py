@@ -422,8 +422,122 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str
                     "table_files": {name: t["files"] for name, t in tables.items()}, "plots": str(out / "plots"),
                     "curves": {name: t["curves"] for name, t in tables.items()},
                     "crossover": {name: t["crossover"] for name, t in tables.items() if "crossover" in t}})
+    summary["provenance"] = provenance(wall, out)
+    summary["seeds"] = list(seeds)
     (out / "main_job.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.md").write_text(headline(out, {name: t["table"] for name, t in tables.items()}, summary))
     return {"tables": {name: t["table"] for name, t in tables.items()}, **summary}
+
+
+#: the headline table's columns (the full tables have them all)
+HEADLINE_COLUMNS = ("fid", "inception_pool/fid", "precision", "recall", "class_acc", "train_flops")
+#: the figures the headline shows, by their stem under plots/ (and the sweeps' own)
+HEADLINE_FIGURES = ("unconditional_fid_vs_compute", "conditional_fid_vs_compute", "unconditional_samples",
+                    "conditional_samples")
+
+
+def provenance(wall_seconds: float, where: Path = ROOT) -> str:
+    """The command, commit (of the checkout holding ``where``), machine and wall time a main job
+    was measured with."""
+    import platform
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=where, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        commit += " (with uncommitted changes)" if dirty else ""
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown (not a git checkout)"
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"`{' '.join(['python', *sys.argv]) if sys.argv and sys.argv[0].endswith('main_job.py') else 'make main'}` at "
+            f"commit {commit}, {datetime.now():%Y-%m-%d}; {os.cpu_count()} cores ({cpu}), {device}; "
+            f"{wall_seconds / 60:.1f} minutes")
+
+
+def headline(out: Path, tables: dict, summary: dict) -> str:
+    """summary.md: per part the headline columns and the crossover, the guidance sweeps, the
+    figures (relative to ``out``), and how it was measured."""
+    lines = [f"Measured by {summary['provenance']}; seeds {', '.join(map(str, summary['seeds']))}.", ""]
+    for name, table in tables.items():
+        lines += [f"**{name.capitalize()}**, every family at the same training budget:", "",
+                  to_markdown(table, HEADLINE_COLUMNS).rstrip(), ""]
+        crossing = summary.get("crossover", {}).get(name)
+        if crossing:
+            lines += [f"Crossover ({name}): {crossing['text']}.", ""]
+    for kind, rows in (summary.get("sweeps") or {}).items():
+        if rows:
+            sweep_md = out / "sweeps" / kind / "sweep.md"
+            if sweep_md.is_file():
+                lines += [f"**{kind.replace('_', '-')} guidance sweep** (seed-0 conditional DDPM):", "",
+                          sweep_md.read_text().rstrip(), ""]
+    figures = [f"plots/{stem}.png" for stem in HEADLINE_FIGURES if (out / "plots" / f"{stem}.png").is_file()]
+    figures += [str(p.relative_to(out)) for p in sorted((out / "sweeps").glob("*/plots/guidance_sweep.png"))]
+    lines += [f"![{Path(f).stem}]({f})" for f in figures]
+    return "\n".join(lines) + "\n"
+
+
+def rebuild_summary(out: Path, families=FAMILIES) -> str:
+    """summary.md of a main job from its run directories and main_job.json (the tables, curves and
+    crossover recomputed as the job computes them)."""
+    job = json.loads((out / "main_job.json").read_text())
+    records = collect_local([out / "runs"])
+    seeds = job.get("seeds") or sorted({r.results["seed"] for r in records if r.ok})
+    by_part = {name: [r for r in records if _part_of(r, preset, families)] for name, preset in PARTS.items()}
+    if (out / "guided").is_dir():
+        by_part.setdefault("conditional", []).extend(collect_local([out / "guided"]))
+    tables = {name: write_part(name, recs, out, seeds) for name, recs in by_part.items() if recs}
+    job["crossover"] = {name: t["crossover"] for name, t in tables.items() if "crossover" in t}
+    job.setdefault("provenance", provenance(job["wall_seconds"], out))
+    job["seeds"] = seeds
+    text = headline(out, {name: t["table"] for name, t in tables.items()}, job)
+    (out / "summary.md").write_text(text)
+    return text
+
+
+def publish(out: Path, readme: Path = ROOT / "README.md", docs: Path = ROOT / "docs") -> list[Path]:
+    """Copy a finished main job's summary into the README (between its ``main-job`` markers) and
+    docs/main_job.md (with the full tables), and its figures into docs/figures/main/."""
+    import shutil
+
+    summary = (out / "summary.md").read_text() if (out / "summary.md").is_file() else rebuild_summary(out)
+    figures = docs / "figures" / "main"
+    figures.mkdir(parents=True, exist_ok=True)
+    for line in summary.splitlines():
+        if line.startswith("!["):
+            source = out / line[line.index("](") + 2:-1]
+            shutil.copyfile(source, figures / source.name.replace("guidance_sweep", f"{source.parent.parent.name}_sweep"))
+
+    def relink(text: str, prefix: str) -> str:
+        import re
+        def target(match) -> str:
+            source = Path(match.group(2))
+            name = source.name.replace("guidance_sweep", f"{source.parent.parent.name}_sweep")
+            return f"![{match.group(1)}]({prefix}{name})"
+        return re.sub(r"!\[([^\]]*)\]\(([^)]*)\)", target, text)
+
+    full = [relink(summary, "figures/main/"), "## Full tables", ""]
+    for md in sorted(out.glob("table_*.md")):
+        full += [f"### {md.stem.removeprefix('table_')}", "", md.read_text().rstrip(), ""]
+    written = []
+    for path, text in ((readme, relink(summary, "docs/figures/main/")), (docs / "main_job.md", "\n".join(full))):
+        current = path.read_text()
+        start, end = "<!-- main-job:start -->", "<!-- main-job:end -->"
+        if start not in current or end not in current:
+            raise ValueError(f"{path} has no {start} ... {end} markers to fill")
+        head, rest = current.split(start, 1)
+        path.write_text(head + start + "\n" + text.rstrip() + "\n" + end + rest.split(end, 1)[1])
+        written.append(path)
+    return written
 
 
 def _part_of(record, preset: str, families) -> bool:
@@ -449,8 +563,15 @@ def main(argv=None) -> None:
                    help='only this part: experiment per family ("{}" = family) or one shared one, e.g. '
                         '"digits_{}" = each family at its own preset budget, unconditional; default: both parts '
                         '(digits_matched_{} and digits_cond_{}) with guidance')
+    p.add_argument("--publish", type=Path, default=None, metavar="MAIN_JOB_DIR",
+                   help="run nothing: copy that finished main job's summary, tables and figures into README.md "
+                        "and docs/main_job.md (what regenerates them)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run, e.g. budget.train_flops=1e11 (the matched presets train to a FLOP budget)")
     args = p.parse_args(argv)
+    if args.publish is not None:
+        for path in publish(args.publish):
+            print(f"written: {path}")
+        return
     out = args.out or ROOT / "logs" / ("main" if args.dataset == "digits" else f"main_{args.dataset}") \
         / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     parts = None if args.preset is None else {"unconditional": args.preset}

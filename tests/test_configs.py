@@ -26,3 +26,26 @@ def test_hydras_own_compose_resolves_once_any_genbench_module_is_imported():
                      "print(list(cfg.model.net.attention_resolutions), cfg.model.net.null_class)")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[4]", "True"]
+
+
+def test_threads_compose_at_the_same_time():
+    """The main job composes the noise-aware classifier's config in a thread beside the caches."""
+    import threading
+
+    from models.configs import compose
+
+    errors, results = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                results.append(compose("train", ["experiment=digits_cond_ddpm"]).model.num_classes)
+        except Exception as err:  # noqa: BLE001  (reported below)
+            errors.append(err)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == [10] * 9
