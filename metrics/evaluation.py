@@ -153,13 +153,14 @@ class Evaluator:
         return seconds
 
     @torch.no_grad()
-    def bits_per_dim(self, module, test_set: Dataset) -> float:
+    def bits_per_dim(self, module, test_set: Dataset) -> tuple[float, float]:
         """Mean bits/dim over the first ``bpd_num_images`` test images, sharded across processes
-        (a conditional model's: -log p(x | y) with each image's own label)."""
+        (a conditional model's: -log p(x | y) with each image's own label), and its standard error
+        over the images (which holds a stochastic estimator's own noise, e.g. Hutchinson's)."""
         n = min(self.bpd_num_images, len(test_set))
         rank, world = rank_and_world()
         mine = list(shard(n, rank, world))
-        total = torch.zeros(2, dtype=torch.float64, device=module.device)
+        total = torch.zeros(3, dtype=torch.float64, device=module.device)   # sum, count, sum of squares
         for start in range(0, len(mine), self.batch_size):
             idx = mine[start:start + self.batch_size]
             items = [test_set[i] for i in idx]
@@ -171,9 +172,12 @@ class Evaluator:
             bpd = bits_per_dim(nats.double(), module.num_dims)
             if not torch.isfinite(bpd).all():
                 raise FloatingPointError(f"{type(module).__name__}.log_likelihood returned non-finite values")
-            total += torch.stack([bpd.sum(), torch.tensor(float(len(idx)), dtype=torch.float64, device=bpd.device)])
+            total += torch.stack([bpd.sum(), torch.tensor(float(len(idx)), dtype=torch.float64, device=bpd.device),
+                                  bpd.pow(2).sum()])
         total = all_reduce_sum(total)
-        return float(total[0] / total[1])
+        mean, n = float(total[0] / total[1]), float(total[1])
+        variance = max(float(total[2] / n) - mean ** 2, 0.0) * n / (n - 1) if n > 1 else 0.0
+        return mean, math.sqrt(variance / n)
 
     @staticmethod
     def repeat_offset(repeat: int) -> int:
@@ -240,8 +244,9 @@ class Evaluator:
                                      "counts": torch.bincount(all_labels, minlength=num_classes).tolist(),
                                      "sampled": all_labels.tolist()}
             if module.likelihood_kind is not None and self.bpd_num_images > 0 and test_set is not None:
-                metrics["bpd"] = self.bits_per_dim(module, test_set)
+                metrics["bpd"], details["bpd_stderr"] = self.bits_per_dim(module, test_set)
                 details["bpd_kind"] = BPD_KINDS[module.likelihood_kind]
+                details.update({f"bpd_{k}": v for k, v in module.likelihood_details().items()})
                 details["bpd_num_images"] = min(self.bpd_num_images, len(test_set))
             grid = None
             if order:

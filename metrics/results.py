@@ -14,7 +14,7 @@ SCHEMA_KEYS = ("model", "dataset", "seed", "num_params", "train_steps", "feature
 
 #: likelihood_kind -> what a bits/dim figure is: the exact likelihood of the 8-bit data; the exact
 #: density of dequantized data (a bound on the 8-bit likelihood, flows); a variational bound
-BPD_KINDS = {"exact": "exact", "dequantized": "dequantized", "elbo": "bound"}
+BPD_KINDS = {"exact": "exact", "dequantized": "dequantized", "elbo": "bound", "ode": "ODE"}
 
 
 class ResultsWriteError(OSError):

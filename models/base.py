@@ -21,8 +21,9 @@ from models.training_loop import TrainingLoopMixin
 
 #: None: no likelihood (GAN); "exact": the exact likelihood of the 8-bit data; "dequantized": the
 #: exact density of uniformly dequantized data, a lower bound on the 8-bit likelihood (flows);
-#: "elbo": a variational lower bound (VAE, DDPM)
-LikelihoodKind = Literal["exact", "dequantized", "elbo"] | None
+#: "elbo": a variational lower bound (VAE, DDPM); "ode": the density of dequantized data from a
+#: continuous flow's ODE (flow matching), itself a bound on the 8-bit likelihood
+LikelihoodKind = Literal["exact", "dequantized", "elbo", "ode"] | None
 
 
 class TrainedModule(TrainingLoopMixin, ExactResumeMixin, pl.LightningModule):
@@ -110,6 +111,11 @@ class GenerativeModule(TrainedModule):
         """Network function evaluations per sample, e.g. {"nfe": 1000}."""
         raise NotImplementedError
 
+    def likelihood_details(self) -> dict[str, Any]:
+        """How the last ``log_likelihood`` was computed, where that varies (solver tolerances, the
+        divergence estimator); recorded beside bits/dim."""
+        return {}
+
     def training_loss(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
         """{"loss": the scalar a training step minimises, ...} for a batch of images in [0, 1] (and
         their labels, which only class-conditional models use): what
@@ -174,3 +180,38 @@ class GenerativeModule(TrainedModule):
             sub = noise.slice(start, start + m) if isinstance(noise, SampleNoise) else noise
             out.append(draw(m, sub, None if labels is None else labels[start:start + m]))
         return torch.cat(out)
+
+
+class NullClassMixin:
+    """Class conditioning through a network's class embedding, with a null class that trains the
+    unconditional model in the same network (classifier-free guidance, Ho & Salimans 2022): the
+    DDPM's and flow matching's."""
+
+    num_classes: int | None
+    label_dropout: float = 0.0
+
+    def set_label_dropout(self, net, label_dropout: float) -> None:
+        """Check that ``net`` conditions on this module's classes (and has a null class when labels
+        are dropped), then keep p = ``label_dropout``."""
+        if getattr(net, "num_classes", None) != self.num_classes:
+            raise ValueError(f"model.num_classes={self.num_classes} but the network has "
+                             f"num_classes={getattr(net, 'num_classes', None)}; set model.net.num_classes to match")
+        if not 0.0 <= float(label_dropout) < 1.0:
+            raise ValueError(f"model.label_dropout must be in [0, 1), got {label_dropout}")
+        if label_dropout and not getattr(net, "null_class", False):
+            raise ValueError("model.label_dropout > 0 trains a null class, but the network has none; "
+                             "set model.net.null_class=true (and model.num_classes)")
+        self.label_dropout = float(label_dropout)
+
+    @property
+    def null_label(self) -> int:
+        """The label of the unconditional model inside a conditional network."""
+        return int(self.num_classes)
+
+    def drop_labels(self, labels: Tensor) -> Tensor:
+        """Each label replaced by the null class with probability ``label_dropout`` (Ho & Salimans 2022, Algorithm 1)."""
+        if not self.label_dropout:
+            return labels
+        drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
+        return torch.where(drop, torch.full_like(labels, self.null_label), labels)
+

@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from models.base import GenerativeModule
+from models.base import GenerativeModule, NullClassMixin
 from models.noise import Noise
 from models.components.ema import EMA
 from models.diffusion.gaussian_diffusion import GaussianDiffusion
@@ -31,7 +31,7 @@ def scale_value(name: str, value: Any) -> float:
     return scale
 
 
-class DDPM(GenerativeModule):
+class DDPM(NullClassMixin, GenerativeModule):
     """Args:
         net: eps_theta(x_t, t), e.g. models.components.unet.UNet.
         diffusion: the Gaussian process (schedule, T, variance).
@@ -53,22 +53,24 @@ class DDPM(GenerativeModule):
     """
 
     family = "ddpm"
-    likelihood_kind = "elbo"
 
     def __init__(self, net: nn.Module, diffusion: GaussianDiffusion, optimizer: Callable[..., torch.optim.Optimizer],
                  image_shape: Sequence[int], warmup_steps: int = 0, ema_decay: float = 0.9999,
                  ema_warmup: bool = False, ema_foreach: bool = True, ema_rampup: float | None = None,
                  warmup_fraction: float | None = None, lr_decay: str = "constant", sampler: dict[str, Any] | None = None,
-                 sample_batch_size: int = 256, num_classes: int | None = None, label_dropout: float = 0.0):
+                 sample_batch_size: int = 256, num_classes: int | None = None, label_dropout: float = 0.0,
+                 likelihood: dict[str, Any] | None = None):
         super().__init__(image_shape, num_classes)
-        if getattr(net, "num_classes", None) != self.num_classes:
-            raise ValueError(f"model.num_classes={self.num_classes} but the network has "
-                             f"num_classes={getattr(net, 'num_classes', None)}; set model.net.num_classes to match")
-        if not 0.0 <= float(label_dropout) < 1.0:
-            raise ValueError(f"model.label_dropout must be in [0, 1), got {label_dropout}")
-        if label_dropout and not getattr(net, "null_class", False):
-            raise ValueError("model.label_dropout > 0 trains a null class, but the network has none; "
-                             "set model.net.null_class=true (and model.num_classes)")
+        #: bits/dim from the variational bound ("elbo", Ho et al. Eq. 5) or from the probability-flow
+        #: ODE ("ode", Song et al. 2021, Sec. D.2), with the ODE's rtol, atol and exact_max_dims
+        self.likelihood_settings = {"kind": "elbo", "rtol": 1e-5, "atol": 1e-5, "exact_max_dims": 64,
+                                    **(likelihood or {})}
+        if self.likelihood_settings["kind"] not in ("elbo", "ode"):
+            raise ValueError(f"model.likelihood.kind={self.likelihood_settings['kind']!r}; choose elbo (the "
+                             "variational bound) or ode (the probability-flow ODE)")
+        self.likelihood_kind = self.likelihood_settings["kind"]
+        self._likelihood_record: dict[str, Any] = {}
+        self.set_label_dropout(net, label_dropout)
         if bool(getattr(net, "learn_sigma", False)) != diffusion.learned_variance:
             raise ValueError(
                 f"model.diffusion.variance={diffusion.variance!r} but the network has learn_sigma="
@@ -79,7 +81,6 @@ class DDPM(GenerativeModule):
                 "model.diffusion.variance=learned_range with model.diffusion.loss=simple: L_simple gives the variance "
                 "output v no gradient, so the run would report learned variances it never learned; set "
                 "model.diffusion.loss=hybrid (Improved DDPM's L_hybrid) or use a fixed variance")
-        self.label_dropout = float(label_dropout)
         self.save_hyperparameters(ignore=["net", "diffusion", "optimizer"], logger=False)
         self.net, self.diffusion, self.optimizer_factory = net, diffusion, optimizer
         self.ema = EMA(net, ema_decay, warmup=ema_warmup, foreach=ema_foreach, rampup=ema_rampup)
@@ -96,18 +97,6 @@ class DDPM(GenerativeModule):
     # ---------------------------------------------------------------- training
     def networks(self) -> list[str]:
         return ["net"]
-
-    @property
-    def null_label(self) -> int:
-        """The label of the unconditional model inside a conditional network (classifier-free guidance)."""
-        return int(self.num_classes)
-
-    def drop_labels(self, labels: Tensor) -> Tensor:
-        """Each label replaced by the null class with probability ``label_dropout`` (Ho & Salimans 2022, Algorithm 1)."""
-        if not self.label_dropout:
-            return labels
-        drop = torch.rand(labels.shape, device=labels.device) < self.label_dropout
-        return torch.where(drop, torch.full_like(labels, self.null_label), labels)
 
     def conditioned(self, net: nn.Module, labels: Tensor | None) -> Callable[[Tensor, Tensor], Tensor]:
         """eps(x_t, t) of ``net`` given the labels (the network itself when unconditional)."""
@@ -243,10 +232,22 @@ class DDPM(GenerativeModule):
     @torch.no_grad()
     def log_likelihood(self, x: Tensor, generator: Noise = None, labels: Tensor | None = None) -> Tensor:
         """Lower bound on log p(x) (log p(x | y) when conditional) in nats: -L of Eq. 5 with the
-        discretized decoder (Eq. 13)."""
+        discretized decoder (Eq. 13); with ``likelihood.kind=ode`` the dequantized density from the
+        probability-flow ODE (Song et al. 2021, Sec. D.2) from t = 1/T (timestep 0) to 1."""
         model = self.conditioned(self.ema.shadow, self.check_labels(labels, x.shape[0]))
+        if self.likelihood_kind == "ode":
+            from models.flow_matching import dequantized_ode_log_likelihood
+
+            settings = {k: v for k, v in self.likelihood_settings.items() if k != "kind"}
+            nats, self._likelihood_record = dequantized_ode_log_likelihood(
+                self.diffusion.probability_flow(model), x, generator, **settings,
+                t0=1.0 / self.diffusion.num_timesteps)
+            return nats
         bpd = self.diffusion.bpd(model, x * 2.0 - 1.0, generator)
         return -bpd * self.num_dims * math.log(2.0)
+
+    def likelihood_details(self) -> dict[str, Any]:
+        return dict(self._likelihood_record)
 
     def sampling_cost(self, **sampler_kw) -> dict[str, float]:
         """Network passes per sample: ``nfe`` of the diffusion network (two per step under classifier-free

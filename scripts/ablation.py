@@ -71,11 +71,9 @@ RECIPES_1TFLOP = {
     "batch 32, cosine betas, v-prediction": recipe(**COSINE, model__diffusion__prediction="v"),
     "batch 32, cosine betas, Min-SNR-5": recipe(**COSINE, model__diffusion__weighting="min_snr"),
     "batch 32, cosine betas, dropout 0 (the preset)": recipe(**CHOSEN),
-    "batch 32, cosine betas, dropout 0, Min-SNR-5": recipe(**CHOSEN, model__diffusion__weighting="min_snr"),
 }
 RECIPE_VARIANTS = {
     **{f"{name} @ 1 TFLOP": [*overrides, "budget.train_flops=1e12"] for name, overrides in RECIPES_1TFLOP.items()},
-    "Ho et al., batch 128 @ 0.3 TFLOP": [*recipe(), "budget.train_flops=3e11"],
     "the preset's recipe @ 0.3 TFLOP": [*recipe(**CHOSEN), "budget.train_flops=3e11"],
     "the preset's recipe @ 2.5 TFLOP": [*recipe(**CHOSEN), "budget.train_flops=2.5e12"],
     # the efficiency target's reference: digits_ddpm as it is (Ho et al.'s recipe, width 32, 600 steps)

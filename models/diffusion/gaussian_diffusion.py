@@ -365,6 +365,34 @@ class GaussianDiffusion(nn.Module):
             x0_prev, h_prev = x0, h
         return x
 
+    # ------------------------------------------------------------------ probability-flow ODE
+    def probability_flow(self, model: EpsModel) -> Callable[[Tensor, Tensor], Tensor]:
+        """v(x, t), t in (0, 1]: the probability-flow ODE of this process's continuous-time limit,
+        the VP SDE (Song et al. 2021, Eq. 13 with Eq. 32's drift f = -beta x / 2, g^2 = beta):
+
+            dx/dt = -beta(t)/2 (x - eps_theta(x, t) / sigma(t)),
+
+        grad log p_t = -eps / sigma. log abar(t) interpolates log abar linearly between t_k = k / T
+        (t_0 = 0 with abar = 1, t_{k+1} holds timestep k), beta(t) = -d log abar / dt on each piece,
+        sigma(t) = sqrt(1 - abar(t)), and the network sees the timestep t T - 1."""
+        steps = self.num_timesteps
+        log_abar = torch.cat([torch.zeros(1, dtype=torch.float64, device=self.alphas_cumprod.device),
+                              torch.log(self.alphas_cumprod)])
+
+        def velocity(x: Tensor, t: Tensor) -> Tensor:
+            position = (t.to(torch.float64) * steps).clamp(0.0, float(steps))
+            k = position.floor().clamp(max=steps - 1).long()
+            rise = log_abar[k + 1] - log_abar[k]
+            log_a = log_abar[k] + (position - k) * rise
+            shape = (-1, *([1] * (x.ndim - 1)))
+            beta = (-steps * rise).to(x.dtype).view(shape)
+            abar = log_a.exp().to(x.dtype).view(shape)
+            sigma = (1.0 - abar).sqrt()
+            out = model(x, (position - 1.0).to(x.dtype))
+            eps = self.objective.to_eps(out[:, :x.shape[1]], x, abar.sqrt(), sigma)
+            return -0.5 * beta * (x - eps / sigma)
+        return velocity
+
     # ------------------------------------------------------------------ likelihood bound
     def prior_bpd(self, x0: Tensor) -> Tensor:
         """L_T of Eq. 5 in bits/dim: KL(q(x_T | x_0) || N(0, I)), averaged over dims. (B,)"""
