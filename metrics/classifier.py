@@ -58,7 +58,7 @@ def accuracy(net: SmallCNN, dataset: Dataset, batch_size: int = 512) -> float:
     return correct / max(total, 1)
 
 
-def train_classifier(train_set: Dataset, test_set: Dataset, channels: int, num_classes: int,
+def train_feature_classifier(train_set: Dataset, test_set: Dataset, channels: int, num_classes: int,
                      epochs: int = 50, seed: int = 0, batch_size: int = 64) -> tuple[SmallCNN, float]:
     """Adam + cross-entropy with small random shifts; returns the net and its test accuracy."""
     gen = torch.Generator().manual_seed(seed)
@@ -116,7 +116,7 @@ def default_epochs(num_train: int) -> int:
     return max(1, min(MAX_EPOCHS, TRAINING_IMAGES // max(num_train, 1)))
 
 
-def load_or_train_classifier(datamodule, cache_dir: str | Path, seed: int = 0,
+def load_or_train_feature_classifier(datamodule, cache_dir: str | Path, seed: int = 0,
                              epochs: int | None = None) -> ClassifierExtractor:
     """The cached classifier of this dataset, trained first if absent (or its cache is corrupt);
     ``epochs`` None: :func:`default_epochs` of its training split."""
@@ -130,7 +130,7 @@ def load_or_train_classifier(datamodule, cache_dir: str | Path, seed: int = 0,
 
     def build() -> dict:
         log.info("training the %s feature classifier for %s (cached at %s)", ARCH, datamodule.name, path)
-        net, acc = train_classifier(datamodule.split("train"), datamodule.split("test"),
+        net, acc = train_feature_classifier(datamodule.split("train"), datamodule.split("test"),
                                     datamodule.channels, datamodule.num_classes, epochs, seed)
         log.info("classifier test accuracy %.4f", acc)
         return {"state_dict": net.state_dict(), "test_accuracy": acc, "channels": datamodule.channels,

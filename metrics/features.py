@@ -204,10 +204,10 @@ def build_extractor(name: str, datamodule=None, cache_dir: str = ".cache", weigh
         from metrics.extractors import InceptionExtractor
         return InceptionExtractor(weights_path)
     if name == "classifier":
-        from metrics.classifier import load_or_train_classifier
+        from metrics.classifier import load_or_train_feature_classifier
         if datamodule is None:
             raise ValueError("the classifier extractor needs a datamodule (its labels)")
-        return load_or_train_classifier(datamodule, cache_dir, classifier_seed, classifier_epochs)
+        return load_or_train_feature_classifier(datamodule, cache_dir, classifier_seed, classifier_epochs)
     raise ValueError(f"unknown feature extractor {name!r}; choose one of {list(EXTRACTORS)}")
 
 

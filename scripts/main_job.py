@@ -224,13 +224,21 @@ def _single_threaded(fn, *args):
     return fn(*args)
 
 
-def run_parallel(tasks: list[tuple], jobs: int) -> list:
-    """(fn, *args) tasks on ``jobs`` worker processes (spawned: clean torch and Hydra state), in order."""
+def run_parallel(tasks: list[tuple], jobs: int, keep_going: bool = False) -> list:
+    """(fn, *args) tasks on ``jobs`` worker processes (spawned: clean torch and Hydra state), in order.
+    With ``keep_going`` a failed task's result is its exception and the others still run."""
+    def outcome(call):
+        if not keep_going:
+            return call()
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001  (the caller reports it)
+            return err
     if jobs <= 1:
-        return [fn(*args) for fn, *args in tasks]
+        return [outcome(lambda fn=fn, args=args: fn(*args)) for fn, *args in tasks]
     with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(_single_threaded, fn, *args) for fn, *args in tasks]
-        return [f.result() for f in futures]
+        return [outcome(f.result) for f in futures]
 
 
 def cached_noisy_classifier(out: Path, extra: list[str]) -> Path:
@@ -370,7 +378,12 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str
     shared = [p for p in parts.values() if "{}" not in p]
     sweep_args = [f"experiment={','.join(experiments)}"] if experiments else \
         [f"experiment={shared[0]}", f"model={','.join(families)}"]
-    multirun(out, sweep_args, seeds, extra, log, jobs, len(families) * len(seeds) * len(parts), start)
+    expected = len(families) * len(seeds) * len(parts)
+    finished = [r for r in collect_local([out / "runs"]) if r.ok] if (out / "runs").is_dir() else []
+    if len(finished) >= expected:   # a main job run again in its directory reuses its finished runs
+        stage(f"training: all {expected} runs already finished in {out / 'runs'}; reusing them", start)
+    else:
+        multirun(out, sweep_args, seeds, extra, log, jobs, expected, start)
     records = collect_local([out / "runs"])
     by_part = {name: [r for r in records if _part_of(r, preset, families)] for name, preset in parts.items()}
     summary: dict = {"fid_vs_nfe": [], "sweeps": {}}
@@ -405,8 +418,11 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str
                 labels.append(f"guided:{seed}")
     if tasks:
         stage(f"guidance and samplers, {jobs} at a time: " + ", ".join(labels), start)
-        for label, result in zip(labels, run_parallel(tasks, jobs)):
-            if label.startswith("sweep:"):
+        for label, result in zip(labels, run_parallel(tasks, jobs, keep_going=True)):
+            if isinstance(result, Exception):   # the tables still come; the summary says what is missing
+                print(f"  {label} failed: {result}", flush=True)
+                summary.setdefault("failed_stages", {})[label] = str(result)
+            elif label.startswith("sweep:"):
                 summary["sweeps"][label.split(":")[1]] = result
             elif label == "fid_vs_nfe":
                 summary["fid_vs_nfe"] = result

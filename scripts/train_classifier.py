@@ -12,18 +12,18 @@ import hydra
 import models.configs  # noqa: F401  (registers the config resolvers)
 from omegaconf import DictConfig
 
-from metrics.classifier import load_or_train_classifier
+from metrics.classifier import load_or_train_feature_classifier
 
 
-def train_classifier(cfg: DictConfig) -> dict:
+def feature_classifier_job(cfg: DictConfig) -> dict:
     datamodule = hydra.utils.instantiate(cfg.datamodule)
-    extractor = load_or_train_classifier(datamodule, cfg.paths.cache_dir, seed=int(cfg.seed))
+    extractor = load_or_train_feature_classifier(datamodule, cfg.paths.cache_dir, seed=int(cfg.seed))
     return {"dataset": datamodule.name, "cache_key": extractor.key, "test_accuracy": extractor.test_accuracy}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    print(json.dumps(train_classifier(cfg)))
+    print(json.dumps(feature_classifier_job(cfg)))
 
 
 if __name__ == "__main__":

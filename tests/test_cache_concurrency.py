@@ -25,18 +25,18 @@ from metrics.reference import load_or_compute_reference
 
 cache, go, out = (Path(a) for a in sys.argv[1:4])
 trained = []
-real_train = classifier.train_classifier
+real_train = classifier.train_feature_classifier
 def counting_train(*args, **kwargs):
     trained.append(1)
     time.sleep(1.0)                       # widen the window in which the other job asks for the entry
     return real_train(*args, **kwargs)
-classifier.train_classifier = counting_train
+classifier.train_feature_classifier = counting_train
 torch.set_num_threads(1)
 dm = ImageDataModule(name="digits", data_dir=str(cache / "data"), image_size=8)
 dm.setup("fit")
 while not go.exists():
     time.sleep(0.01)
-extractor = classifier.load_or_train_classifier(dm, cache, epochs=2)
+extractor = classifier.load_or_train_feature_classifier(dm, cache, epochs=2)
 stats, computed = load_or_compute_reference(extractor, dm.split("train"), "digits", "train", 400, (1, 8, 8), cache)
 out.write_text(json.dumps({"trained": len(trained), "computed": computed, "accuracy": extractor.test_accuracy,
                            "mu": stats.mu.tolist()}))

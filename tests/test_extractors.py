@@ -82,20 +82,20 @@ def test_inception_loader_reads_a_local_weights_file(tmp_path, monkeypatch, digi
 
 def test_classifier_is_trained_once_cached_and_accurate(tmp_path, caplog):
     from datamodules import ImageDataModule
-    from metrics.classifier import load_or_train_classifier
+    from metrics.classifier import load_or_train_feature_classifier
 
     dm = ImageDataModule()
-    first = load_or_train_classifier(dm, tmp_path)
+    first = load_or_train_feature_classifier(dm, tmp_path)
     assert first.test_accuracy > 0.95
     files = list((tmp_path / "classifiers").glob("*.pt"))
     assert len(files) == 1
     mtime = files[0].stat().st_mtime_ns
-    second = load_or_train_classifier(dm, tmp_path)
+    second = load_or_train_feature_classifier(dm, tmp_path)
     assert files[0].stat().st_mtime_ns == mtime and second.test_accuracy == first.test_accuracy
     x = torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8)
     torch.testing.assert_close(first(x)["logits"], second(x)["logits"])
     files[0].write_bytes(b"garbage")  # corrupt cache -> warned and retrained, never used
-    third = load_or_train_classifier(dm, tmp_path)
+    third = load_or_train_feature_classifier(dm, tmp_path)
     assert "corrupt" in caplog.text and third.test_accuracy == pytest.approx(first.test_accuracy)
 
 

@@ -185,3 +185,13 @@ def test_a_classifier_guided_row_counts_the_classifiers_budget_and_parameters():
     assert guided["train_flops"] == pytest.approx(1.57e12) and guided["num_params"] == 510_000
     assert guided["classifier"] == classifier
     assert guided_budget(ddpm, None) == ddpm
+
+
+def test_the_noise_aware_classifier_is_trained_on_the_guided_ddpms_process(tmp_path):
+    """A guided DDPM refuses a classifier of another schedule (models/noisy_classifier.py): the main
+    job's classifier preset must follow the conditional DDPM's process."""
+    from scripts.main_job import CLASSIFIER_PRESET, PARTS
+
+    classifier = compose_train([f"experiment={CLASSIFIER_PRESET}"], tmp_path).model.diffusion
+    ddpm = compose_train([f"experiment={PARTS['conditional'].format('ddpm')}"], tmp_path).model.diffusion
+    assert (classifier.schedule, classifier.num_timesteps) == (ddpm.schedule, ddpm.num_timesteps)

@@ -124,7 +124,7 @@ def test_a_stored_config_naming_foreign_code_is_refused(tmp_path, smoke_checkpoi
 def test_a_crafted_classifier_cache_entry_is_refused_and_rebuilt_with_a_warning(tmp_path, marker):
     from datamodules import ImageDataModule
     from metrics.cache_files import CacheWarning
-    from metrics.classifier import cache_key, load_or_train_classifier
+    from metrics.classifier import cache_key, load_or_train_feature_classifier
 
     dm = ImageDataModule(name="digits", data_dir=str(tmp_path / "data"), image_size=8, batch_size=16)
     dm.setup("fit")
@@ -134,7 +134,7 @@ def test_a_crafted_classifier_cache_entry_is_refused_and_rebuilt_with_a_warning(
     entry.parent.mkdir(parents=True)
     torch.save({"state_dict": {}, "test_accuracy": 1.0, "channels": 1, "num_classes": 10, "x": Payload(marker)}, entry)
     with pytest.warns(CacheWarning, match="classifier cache entry .* is invalid .*would execute code"):
-        extractor = load_or_train_classifier(dm, tmp_path / "cache", epochs=epochs)
+        extractor = load_or_train_feature_classifier(dm, tmp_path / "cache", epochs=epochs)
     assert not marker.exists()
     rebuilt = torch.load(entry, weights_only=True)                     # a valid entry replaced it
     assert rebuilt["state_dict"] and rebuilt["test_accuracy"] == extractor.test_accuracy
