@@ -244,8 +244,8 @@ def run_parallel(tasks: list[tuple], jobs: int, keep_going: bool = False) -> lis
 def cached_noisy_classifier(out: Path, extra: list[str]) -> Path:
     """The noise-aware classifier's checkpoint, an entry of the shared cache
     (``<cache_dir>/noisy_classifiers/<preset>-<key>.ckpt``, key = hash of its composed model, data,
-    trainer and seed). When absent it is trained once by scripts/train.py (one seed, into
-    ``out``), however many jobs ask for it at the same time (metrics/cache_files.py)."""
+    trainer and seed). When absent it is trained once by scripts/train.py (one seed, in
+    ``out/<key>``), however many jobs ask for it at the same time (metrics/cache_files.py)."""
     import hashlib
 
     from omegaconf import OmegaConf
@@ -270,13 +270,16 @@ def cached_noisy_classifier(out: Path, extra: list[str]) -> Path:
         return path
 
     def build() -> Path:
-        cmd = [sys.executable, "scripts/train.py", *overrides, f"hydra.run.dir={out}", "callbacks.progress_bar=null",
+        # its run dir is named by the key: a run dir of another configuration (say an earlier
+        # schedule) is never resumed into this entry; an interrupted one of this key is
+        run = out / key
+        cmd = [sys.executable, "scripts/train.py", *overrides, f"hydra.run.dir={run}", "callbacks.progress_bar=null",
                "num_threads=1", f"task_name={wandb_group(out.parent)}"]
-        out.mkdir(parents=True, exist_ok=True)
+        run.mkdir(parents=True, exist_ok=True)
         with open(out.parent / "classifier.log", "a") as log:
             code = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
-        trained = out / "checkpoints" / "last.ckpt"
+        trained = run / "checkpoints" / "last.ckpt"
         if code != 0 or not trained.is_file():
             raise RuntimeError(f"training the noise-aware classifier failed (exit {code}; log: {out.parent / 'classifier.log'})")
         return trained

@@ -195,3 +195,23 @@ def test_the_noise_aware_classifier_is_trained_on_the_guided_ddpms_process(tmp_p
     classifier = compose_train([f"experiment={CLASSIFIER_PRESET}"], tmp_path).model.diffusion
     ddpm = compose_train([f"experiment={PARTS['conditional'].format('ddpm')}"], tmp_path).model.diffusion
     assert (classifier.schedule, classifier.num_timesteps) == (ddpm.schedule, ddpm.num_timesteps)
+
+
+def test_the_noise_aware_classifier_trains_in_a_run_dir_of_its_own_cache_key(tmp_path, monkeypatch):
+    """Another configuration's classifier run in the job's folder (e.g. of an earlier schedule) must not
+    be resumed into this entry: the build trains in <out>/<key>."""
+    import subprocess
+
+    from scripts import main_job
+
+    seen = []
+
+    def fake_run(cmd, **kwargs):
+        seen.append(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
+        raise RuntimeError("stop before training")
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    out = tmp_path / "classifier"
+    with pytest.raises(RuntimeError, match="stop before training"):
+        main_job.cached_noisy_classifier(out, [f"paths.cache_dir={tmp_path / 'cache'}"])
+    entry_key = next((tmp_path / "cache" / "noisy_classifiers").glob("*.lock")).name.split("-")[1].split(".")[0]
+    assert seen == [str(out / entry_key)]
