@@ -318,3 +318,16 @@ def test_unknown_objectives_are_refused_with_the_choices():
         GaussianDiffusion(10, prediction="score")
     with pytest.raises(ValueError, match="weighting 'p2'"):
         GaussianDiffusion(10, weighting="p2")
+
+
+def test_classifier_guided_x0_stays_in_the_data_range_at_the_first_cosine_step():
+    """Guided DDIM moves x^_0 by (1 - abar) / sqrt(abar) s grad: on the cosine schedule's first step
+    (abar ~ 1e-9) that left [-1, 1] by orders of magnitude and ruined few-step guided sampling."""
+    from models.diffusion.gaussian_diffusion import GaussianDiffusion
+
+    process = GaussianDiffusion(num_timesteps=100, schedule="cosine")
+    x = torch.randn(4, 1, 8, 8)
+    t = torch.full((4,), 99, dtype=torch.long)
+    eps, x0 = process.denoise(lambda x_t, _: torch.zeros_like(x_t), x, t, guidance=lambda x_t, _: torch.ones_like(x_t))
+    assert x0.abs().max() <= 1.0
+    assert torch.allclose(process.predict_x0(x, t, eps), x0, atol=1e-4)   # eps^ consistent with the clipped x^_0

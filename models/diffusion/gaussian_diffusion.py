@@ -301,6 +301,12 @@ class GaussianDiffusion(nn.Module):
         if guidance is not None:
             eps = self.guided_eps(x_t, t, eps, guidance)
             x0 = self.predict_x0(x_t, t, eps)
+            if self.clip_denoised:
+                # the guided eps^ moves x^_0 by (1 - abar_t) / sqrt(abar_t) s grad, which at the first
+                # steps of a cosine schedule (abar_T ~ 1e-9) leaves the data range by orders of
+                # magnitude; clipped like the unguided x^_0, with eps^ consistent with it
+                x0 = x0.clamp(-1.0, 1.0)
+                eps = self.predict_eps(x_t, t, x0)
         return eps, x0
 
     @torch.no_grad()
