@@ -382,9 +382,11 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str
     sweep_args = [f"experiment={','.join(experiments)}"] if experiments else \
         [f"experiment={shared[0]}", f"model={','.join(families)}"]
     expected = len(families) * len(seeds) * len(parts)
+    reused_training = False
     finished = [r for r in collect_local([out / "runs"]) if r.ok] if (out / "runs").is_dir() else []
     if len(finished) >= expected:   # a main job run again in its directory reuses its finished runs
         stage(f"training: all {expected} runs already finished in {out / 'runs'}; reusing them", start)
+        reused_training = True
     else:
         multirun(out, sweep_args, seeds, extra, log, jobs, expected, start)
     records = collect_local([out / "runs"])
@@ -441,7 +443,8 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str
                     "table_files": {name: t["files"] for name, t in tables.items()}, "plots": str(out / "plots"),
                     "curves": {name: t["curves"] for name, t in tables.items()},
                     "crossover": {name: t["crossover"] for name, t in tables.items() if "crossover" in t}})
-    summary["provenance"] = provenance(wall, out)
+    summary["provenance"] = provenance(wall, out) + (" (its training runs reused from an earlier run of this job in "
+                                                     "the same folder; the time excludes them)" if reused_training else "")
     summary["seeds"] = list(seeds)
     (out / "main_job.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(headline(out, {name: t["table"] for name, t in tables.items()}, summary))
