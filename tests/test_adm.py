@@ -245,9 +245,11 @@ def test_ablation_reruns_an_interrupted_run_and_tabulates_mean_and_std(tmp_path)
     assert not finished(run)
     fid = spread([1.0, 2.0, 3.0])
     assert (fid["mean"], fid["std"]) == (2.0, 1.0)
+    from scipy import stats
+    assert fid["ci95"] == pytest.approx(stats.t.ppf(0.975, 2) / 3 ** 0.5)   # the 95% Student-t half-width
     result = {"seeds": [0, 1], "repeats": 2, "num_samples": 1000, "bpd_images": 200, "variants": {
         "a": {"num_params": 700_000, "fid": {"ancestral-25": fid}, "bpd": spread([4.9, 5.1])}}}
-    assert "| a | 0.70M | 2.000 +- 1.000 | 5.0000 +- 0.1414 |" in markdown(result)
+    assert "| a | 0.70M | 2.00 ± 2.48 | 5.0000 ± 1.2706 |" in markdown(result)
     with pytest.raises(ValueError, match="unknown variance variants"):
         run_ablation("variance", tmp_path / "out", [0], 10, 1, 0, [], only=["no such variant"])
 
