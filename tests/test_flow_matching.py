@@ -174,3 +174,23 @@ def test_the_ddpm_probability_flow_carries_gaussian_data_to_its_density():
     log_p, _ = ode_log_likelihood(process.probability_flow(eps_model), x, 1e-7, 1e-7, exact=True, t0=t0)
     expected = stats.norm.logpdf(x.numpy(), math.sqrt(a0) * MU, math.sqrt(a0 * SIGMA ** 2 + 1 - a0)).reshape(4, -1).sum(1)
     assert abs((log_p.numpy() - expected) / 4).max() < 1e-3
+
+
+def test_bits_per_dim_standard_error_is_the_standard_error_over_images():
+    """Evaluator.bits_per_dim: the mean and std / sqrt(n) over the images (numpy as the reference)."""
+    import numpy as np
+
+    from metrics.evaluation import Evaluator
+
+    nats = torch.tensor([-100.0, -120.0, -90.0, -130.0, -110.0], dtype=torch.float64)
+
+    class Known(torch.nn.Module):
+        num_classes, num_dims, device = None, 4, torch.device("cpu")
+
+        def log_likelihood(self, x, generator=None):
+            return nats[x[:, 0, 0, 0].long()]
+
+    test_set = [(torch.full((1, 2, 2), float(i)), 0) for i in range(5)]
+    mean, stderr = Evaluator(bpd_num_images=5, batch_size=2).bits_per_dim(Known(), test_set)
+    bpd = -nats.numpy() / (4 * math.log(2.0))
+    assert mean == pytest.approx(bpd.mean()) and stderr == pytest.approx(bpd.std(ddof=1) / np.sqrt(5))

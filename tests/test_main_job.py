@@ -215,3 +215,14 @@ def test_the_noise_aware_classifier_trains_in_a_run_dir_of_its_own_cache_key(tmp
         main_job.cached_noisy_classifier(out, [f"paths.cache_dir={tmp_path / 'cache'}"])
     entry_key = next((tmp_path / "cache" / "noisy_classifiers").glob("*.lock")).name.split("-")[1].split(".")[0]
     assert seen == [str(out / entry_key)]
+
+
+def test_a_failed_task_of_the_guidance_stage_does_not_stop_the_others():
+    from scripts.main_job import run_parallel
+
+    def fail():
+        raise ValueError("classifier of another schedule")
+    results = run_parallel([(abs, -2), (fail,), (abs, -3)], jobs=1, keep_going=True)
+    assert results[0] == 2 and isinstance(results[1], ValueError) and results[2] == 3
+    with pytest.raises(ValueError):
+        run_parallel([(fail,)], jobs=1)
