@@ -21,44 +21,36 @@ from models.fast_paths import NVML_CHECK_FLAG
 def plain_optimizers(model) -> tuple[list[torch.optim.Optimizer], list]:
     """The torch optimizers (and per-step LR schedulers) of ``model.configure_optimizers()``."""
     conf = model.configure_optimizers()
+    if isinstance(conf, torch.optim.Optimizer):
+        return [conf], []
     if isinstance(conf, dict):
         scheduler = conf.get("lr_scheduler")
         return [conf["optimizer"]], [scheduler["scheduler"]] if scheduler else []
     return list(conf), []
 
 
-def bare_step_fn(family: str, model) -> Callable[[torch.Tensor], None]:
-    """One training step of the family on a batch of images in [0, 1] (the GAN: a D step and, every
-    n_critic-th time, a G step)."""
+def bare_step_fn(model) -> Callable[[torch.Tensor], None]:
+    """One training step of the family on a batch of images in [0, 1]: each of its loss terms
+    (``loss_terms``: the GAN's D step, and every n_critic-th batch its G step) with its own
+    optimizer, the learning-rate schedule, and the EMA after the terms that move it."""
     optimizers, schedulers = plain_optimizers(model)
-    if family == "gan":
-        g_opt, d_opt = optimizers
-        d_steps = itertools.count(1)
-
-        def step(x):
-            d_loss = model.discriminator_step_loss(x)
-            d_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            d_opt.step()
-            if model.is_generator_step(next(d_steps)):
-                g_loss = model.generator_step_loss(x.shape[0])
-                g_opt.zero_grad(set_to_none=True)
-                g_loss.backward()
-                g_opt.step()
-                model.update_ema()
-        return step
-    (opt,) = optimizers
-    update_ema = getattr(model, "update_ema", None)
+    terms = model.loss_terms()
+    batches = itertools.count(1)
 
     def step(x):
-        loss = model.training_loss(x)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        k = next(batches)
+        for term in terms:
+            if k % term.every:
+                continue
+            opt = optimizers[term.optimizer]
+            loss = term.loss(x, None)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if term.updates_ema:
+                model.update_ema()
         for scheduler in schedulers:
             scheduler.step()
-        if update_ema is not None:
-            update_ema()
     return step
 
 
@@ -91,7 +83,7 @@ def bare_loop(family: str, device, batch_size: int, overrides: tuple[str, ...] =
     """One bare step on the next batch, per call (its own networks, optimizer and data order)."""
     _, dm, model = build(family, device, batch_size, overrides)
     model.train()
-    step = bare_step_fn(family, model)
+    step = bare_step_fn(model)
     batches = bare_batches(dm, device)
     return lambda: step(next(batches))
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import hydra
 import torch
 
-from models.configs import compose
+from models.configs import CONF_DIR, compose
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,9 +15,17 @@ def compose_cfg(overrides: list[str]):
     return compose("train", overrides)
 
 
+def family_overrides(family: str) -> list[str]:
+    """The family on digits: its preset ``experiment=digits_<family>`` where conf/ has one, else its
+    model config ``model=<family>`` on the default datamodule (a family without presets)."""
+    if (CONF_DIR / "experiment" / f"digits_{family}.yaml").is_file():
+        return [f"experiment=digits_{family}"]
+    return [f"model={family}"]
+
+
 def build(family: str, device: torch.device, batch_size: int, overrides: tuple[str, ...] = ()):
-    """(config, set-up datamodule, module on ``device``) of ``experiment=digits_<family>``."""
-    cfg = compose_cfg([f"experiment=digits_{family}", f"datamodule.batch_size={batch_size}", "logger=none",
+    """(config, set-up datamodule, module on ``device``) of the family on digits (:func:`family_overrides`)."""
+    cfg = compose_cfg([*family_overrides(family), f"datamodule.batch_size={batch_size}", "logger=none",
                        *overrides])
     dm = hydra.utils.instantiate(cfg.datamodule)
     dm.setup()

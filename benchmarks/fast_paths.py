@@ -2,6 +2,7 @@
 model FLOPs of a training step and, on a GPU, the MFU."""
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import statistics
 from concurrent.futures import ProcessPoolExecutor
@@ -10,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks import training
-from benchmarks.configs import build, compose_cfg
+from benchmarks.configs import build, compose_cfg, family_overrides
 from models.compute import training_flops_per_image as count_training_flops
 
 #: each switch flipped against the default config (name, overrides)
@@ -34,19 +35,33 @@ FRESH_PROCESS = {"glibc malloc defaults (cpu_malloc_cache=false)"}
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
-def switch_overrides(family: str, name: str) -> tuple[str, ...]:
-    """``FAST_PATHS[name]`` for ``family``: the GAN's optimizers are ``g_optimizer`` (which its
-    ``d_optimizer`` interpolates), the other families' ``optimizer``."""
-    optimizer = "model.g_optimizer." if family == "gan" else "model.optimizer."
-    return tuple(o.replace("model.optimizer.", optimizer) for o in FAST_PATHS[name])
+@functools.lru_cache(maxsize=None)
+def family_config(family: str, overrides: tuple[str, ...] = ()):
+    return compose_cfg([*family_overrides(family), *overrides])
 
 
-def applicable_switches(family: str, names: list[str]) -> list[str]:
+def optimizer_keys(family: str, overrides: tuple[str, ...] = ()) -> list[str]:
+    """The model config's own optimizers: keys named ``*optimizer`` that hold a ``_target_`` (the
+    GAN's ``g_optimizer``; its ``d_optimizer`` interpolates it, so one override reaches both)."""
+    model = OmegaConf.to_container(family_config(family, overrides).model, resolve=False)
+    return [k for k, v in model.items() if k.endswith("optimizer") and isinstance(v, dict) and "_target_" in v]
+
+
+def switch_overrides(family: str, name: str, overrides: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """``FAST_PATHS[name]`` for ``family``: an optimizer switch goes to each of its optimizers."""
+    out = []
+    for o in FAST_PATHS[name]:
+        out += [o.replace("model.optimizer.", f"model.{k}.") for k in optimizer_keys(family, overrides)] \
+            if o.startswith("model.optimizer.") else [o]
+    return tuple(out)
+
+
+def applicable_switches(family: str, names: list[str], overrides: tuple[str, ...] = ()) -> list[str]:
     """The switches whose keys ``family``'s config has (the VAE and the flow keep no EMA)."""
-    cfg, missing = compose_cfg([f"experiment=digits_{family}"]), object()
+    cfg, missing = family_config(family, overrides), object()
     return [name for name in names
             if all(OmegaConf.select(cfg, o.split("=", 1)[0], default=missing) is not missing
-                   for o in switch_overrides(family, name))]
+                   for o in switch_overrides(family, name, overrides))]
 
 
 def training_flops_per_image(family: str, device, batch_size: int, overrides: tuple[str, ...] = ()) -> float:

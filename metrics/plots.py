@@ -77,13 +77,11 @@ def plot_fid_vs_compute(curves: dict[str, list[CurvePoint]], out_stem: Path, yla
 
 
 def plot_fid_vs_nfe(points: Sequence[dict], out_stem: Path) -> list[Path]:
-    """points: {"label": "DDIM-50", "nfe": 50, "fid": ..., "curve": "DDIM (eta=0)"}; the DDIM paper's
-    Table 1 shape: one line per curve (sampler), a star for a curve of one point (ancestral). Without
-    ``curve``, DDIM points are grouped by eta."""
+    """points: {"label": "ddpm DDIM (eta=0) @ 50", "nfe": 50, "fid": ..., "curve": "ddpm: DDIM (eta=0)"};
+    the DDIM paper's Table 1 shape: one line per curve (a family's sampler), a star for a curve of
+    one point. Without ``curve``, each label is its own curve."""
     def curve(p: dict) -> str:
-        if p.get("curve"):
-            return p["curve"]
-        return f"DDIM (eta={p.get('eta', 0.0):g})" if p["label"].startswith("DDIM") else p["label"]
+        return p.get("curve") or p["label"]
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     names = list(dict.fromkeys(curve(p) for p in points))
@@ -100,7 +98,7 @@ def plot_fid_vs_nfe(points: Sequence[dict], out_stem: Path) -> list[Path]:
     ax.set_xlabel("network evaluations per sample (NFE)")
     ax.set_ylabel(f"FID [{points[0].get('extractor', '')}]" if points else "FID")
     ax.legend()
-    ax.set_title("DDPM: FID vs sampling steps")
+    ax.set_title("FID against network evaluations per sample")
     return _save(fig, out_stem)
 
 

@@ -9,6 +9,7 @@ bits/dim), models/training_loop.py (logging gate, NaN check), models/rng.py (exa
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Literal, Sequence
 
 import pytorch_lightning as pl
@@ -76,15 +77,62 @@ class TrainedModule(TrainingLoopMixin, ExactResumeMixin, pl.LightningModule):
         self.load_resume_state(checkpoint)
 
 
+@dataclass(frozen=True)
+class LossTerm:
+    """One loss of a family's training step: ``loss(images, labels)`` -> a scalar, minimised by the
+    family's optimizer number ``optimizer`` (the order of ``configure_optimizers``) on every
+    ``every``-th batch; ``updates_ema``: the EMA follows that optimizer step. What the compute
+    count (models/compute.py) and the benchmark's bare loop (benchmarks/bare_loop.py) call."""
+
+    loss: Callable[[Tensor, Tensor | None], Tensor]
+    optimizer: int = 0
+    every: int = 1
+    updates_ema: bool = True
+
+
 class GenerativeModule(TrainedModule):
-    """Base class: one family per subclass. Data crosses the boundary as float images in [0, 1]."""
+    """Base class: one family per subclass. Data crosses the boundary as float images in [0, 1].
+
+    A subclass that sets ``family`` in its body is registered under that name
+    (models/registry.py); the main job, the benchmark, the compute count and the tests read the
+    declarations below instead of asking for a family's name."""
 
     family: str = "generative"
     #: the sampler keyword arguments a run evaluates with unless told otherwise
     default_sampler: dict[str, Any] = {}
+    #: the guidance a class-conditional model of this family can sample with: "classifier_free"
+    #: (a null class trained with label dropout) and/or "classifier" (a noise-aware classifier of
+    #: the same noising process, models/noisy_classifier.py)
+    guidance_kinds: tuple[str, ...] = ()
+    #: whether ``num_classes`` makes the family class-conditional (conf/conditioning/class.yaml)
+    class_conditional: bool = True
+    #: whether `scripts/main_job.py` trains it by default (otherwise: --families ... <family>)
+    in_main_job: bool = True
     #: some backward passes leave parameters without gradients (a GAN's D step never reaches G):
     #: DDP must then look for unused parameters (train() picks the matching strategy)
     ddp_find_unused_parameters: bool = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "family" in cls.__dict__:
+            from models.registry import register
+
+            register(cls)
+
+    @classmethod
+    def samplers_at_nfe(cls, nfe: int) -> dict[str, dict[str, Any]]:
+        """{curve name: sampler settings} that each spend ``nfe`` network evaluations per sample
+        (the FID-against-NFE curves, the guidance sweeps' sampler); the first is the family's
+        choice at a small NFE. Empty: the family samples at one fixed cost."""
+        return {}
+
+    def update_ema(self) -> None:
+        """Move the family's EMA weights after an optimizer step (none by default)."""
+
+    def loss_terms(self) -> list[LossTerm]:
+        """The losses one training batch minimises (:class:`LossTerm`): by default
+        ``training_loss``'s "loss" with the one optimizer."""
+        return [LossTerm(lambda images, labels: self.training_loss(images, labels)["loss"])]
 
     def __init__(self, image_shape: Sequence[int], num_classes: int | None = None):
         super().__init__()

@@ -132,12 +132,18 @@ def stored_targets(node: Any, where: str = "") -> list[tuple[str, str]]:
 
 
 def check_stored_targets(path: Path, sections: dict[str, Any]) -> None:
-    """Refuse a stored config that would instantiate anything but a genbench class or a torch
-    optimizer. The prefix is checked before anything is imported; the located object must then be a
-    class defined under that prefix (``models.base.torch.load`` passes the prefix but not this)."""
+    """Refuse a stored config that would instantiate anything but a genbench class, a torch
+    optimizer or a family this process has already registered (a user's own family, imported by
+    the user: models/registry.py). The prefix is checked before anything is imported; the located
+    object must then be a class defined under that prefix (``models.base.torch.load`` passes the
+    prefix but not this)."""
     from hydra.utils import get_object
 
+    from models.registry import registered_targets
+
     for where, target in stored_targets(sections):
+        if target in registered_targets():   # already imported: loading it runs nothing new
+            continue
         ok = target.startswith(STORED_TARGET_PREFIXES)
         if ok:
             try:
@@ -149,8 +155,9 @@ def check_stored_targets(path: Path, sections: dict[str, Any]) -> None:
         if not ok:
             raise UnsafeFileError(
                 f"{path} was refused: its stored run config would instantiate {target!r} (at {where}), which is not a "
-                f"genbench class or a torch optimizer (allowed: {', '.join(p + '*' for p in STORED_TARGET_PREFIXES)}). "
-                "A checkpoint written by genbench's scripts/train.py never names one; do not use this file")
+                f"genbench class or a torch optimizer (allowed: {', '.join(p + '*' for p in STORED_TARGET_PREFIXES)}, "
+                "and families already imported). A checkpoint of genbench's scripts/train.py never names another; "
+                "for a family of your own, import its module before loading its checkpoints")
 
 
 def load_module(ckpt_path: str | Path, device: torch.device | str = "cpu"):

@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 def training_flops_per_image(module, images: Tensor, labels: Tensor | None = None, probe_images: int = 2) -> float:
     """FLOPs of one training step per image, counted on ``probe_images`` images (FLOPs of these
     networks are linear in the batch) of a copy of ``module``: the run's weights, batch-norm
-    statistics and random stream are left exactly as they were. The GAN's batch is one D update
-    and 1 / n_critic G updates (what it averages to); optimizer and EMA updates are not counted,
-    as MFU does not count them.
+    statistics and random stream are left exactly as they were. A batch is the family's loss
+    terms (``loss_terms``), each weighted by how often it steps (the GAN: one D update and
+    1 / n_critic G updates); optimizer and EMA updates are not counted, as MFU does not count them.
 
     Attention is counted through torch's math kernel: the fused CPU kernel of
     ``scaled_dot_product_attention`` counts 0 in ``FlopCounterMode``, while the math kernel's matrix
@@ -33,14 +33,11 @@ def training_flops_per_image(module, images: Tensor, labels: Tensor | None = Non
     x = images[:probe_images]
     y = None if labels is None else labels[:probe_images]
     with isolated_rng(0), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        if hasattr(probe, "discriminator_step_loss"):
-            probe.discriminator_step_loss(x, y).backward()
-            d_flops = counter.get_total_flops()
-            probe.generator_step_loss(x.shape[0], y).backward()
-            total = d_flops + (counter.get_total_flops() - d_flops) / probe.n_critic
-        else:
-            probe.training_loss(x, y)["loss"].backward()
-            total = counter.get_total_flops()
+        total = 0.0
+        for term in probe.loss_terms():
+            before = counter.get_total_flops()
+            term.loss(x, y).backward()
+            total += (counter.get_total_flops() - before) / term.every
     return float(total) / x.shape[0]
 
 

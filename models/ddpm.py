@@ -53,6 +53,16 @@ class DDPM(NullClassMixin, GenerativeModule):
     """
 
     family = "ddpm"
+    guidance_kinds = ("classifier_free", "classifier")
+
+    @classmethod
+    def samplers_at_nfe(cls, nfe: int) -> dict[str, dict[str, Any]]:
+        """DDIM (Song et al. 2021a) stochastic and deterministic, DPM-Solver++(2M) (Lu et al. 2022)
+        and ancestral sampling on a process respaced to ``nfe`` steps (one network call each)."""
+        return {"DDIM (eta=1)": {"name": "ddim", "steps": nfe, "eta": 1.0},
+                "DDIM (eta=0)": {"name": "ddim", "steps": nfe, "eta": 0.0},
+                "DPM-Solver++(2M)": {"name": "dpm_solver_pp", "steps": nfe, "eta": 0.0},
+                "ancestral": {"name": "ancestral", "steps": nfe, "eta": 1.0}}
 
     def __init__(self, net: nn.Module, diffusion: GaussianDiffusion, optimizer: Callable[..., torch.optim.Optimizer],
                  image_shape: Sequence[int], warmup_steps: int = 0, ema_decay: float = 0.9999,

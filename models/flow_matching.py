@@ -185,6 +185,17 @@ class FlowMatching(NullClassMixin, GenerativeModule):
 
     family = "flow_matching"
     likelihood_kind = "ode"
+    guidance_kinds = ("classifier_free",)
+    # behind `scripts/main_job.py --families ... flow_matching`: make main is already at its time limit
+    in_main_job = False
+
+    @classmethod
+    def samplers_at_nfe(cls, nfe: int) -> dict[str, dict[str, Any]]:
+        """Euler with ``nfe`` steps; Heun with ``nfe`` / 2 (two velocity calls per step), at even NFE."""
+        samplers = {"Euler": {"name": "euler", "steps": nfe}}
+        if nfe % 2 == 0:
+            samplers["Heun"] = {"name": "heun", "steps": nfe // 2}
+        return samplers
 
     def __init__(self, net: nn.Module, optimizer: Callable[..., torch.optim.Optimizer], image_shape: Sequence[int],
                  time_distribution: str = "uniform", logit_normal_loc: float = 0.0, logit_normal_scale: float = 1.0,
@@ -243,9 +254,12 @@ class FlowMatching(NullClassMixin, GenerativeModule):
         self.log_train({"train/loss": loss}, batch[0].shape[0])
         return loss
 
+    def update_ema(self) -> None:
+        self.ema.update(self.net)
+
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.ema.update(self.net)
+        self.update_ema()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x0 = batch[0] * 2.0 - 1.0

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.base import GenerativeModule
+from models.base import GenerativeModule, LossTerm
 from models.noise import Noise, randn
 from models.components.ema import EMA
 
@@ -114,6 +114,13 @@ class GAN(GenerativeModule):
 
     def update_ema(self) -> None:
         self.ema.update(self.generator)
+
+    def loss_terms(self) -> list[LossTerm]:
+        """A D step on every batch (optimizer 1), a G step after every n_critic-th (optimizer 0),
+        the EMA after it: what ``training_step`` does."""
+        return [LossTerm(self.discriminator_step_loss, optimizer=1, updates_ema=False),
+                LossTerm(lambda images, labels: self.generator_step_loss(images.shape[0], labels), optimizer=0,
+                         every=self.n_critic)]
 
     def is_generator_step(self, d_steps: int) -> bool:
         """After the ``d_steps``-th discriminator step, a generator step follows every n_critic-th."""

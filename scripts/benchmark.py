@@ -34,6 +34,7 @@ from benchmarks.memory import PeakMemory
 from benchmarks.report import to_markdown
 from benchmarks.training import training_row
 from models.fast_paths import keep_freed_cpu_memory
+from models.registry import families
 
 
 def run_benchmark(families: list[str], device: torch.device, batch_size: int, batches: int, repeats: int,
@@ -96,7 +97,7 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads of the training-throughput rows (1 is the steadiest on a "
                         "shared CPU machine); evaluation and sampling use the default")
-    p.add_argument("--families", nargs="*", default=["gan", "vae", "realnvp", "ddpm"],
+    p.add_argument("--families", nargs="*", default=list(families()),
                    help="training rows (none: skip them, e.g. --families --training-only --inception)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--image-size", type=int, default=None,

@@ -40,7 +40,17 @@ from metrics.report import build_table, collect_local, sampler_text, to_markdown
 from scripts.overview import clock, watch
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("gan", "ddpm", "realnvp", "vae")  # longest first: the two parallel workers finish together
+
+
+def main_job_families() -> list[str]:
+    """The registered families the main job trains by default (their ``in_main_job``; others join
+    with --families), the GAN first: it trains longest, and the two workers then finish together."""
+    from models.registry import families
+
+    names = [name for name, cls in families().items() if cls.in_main_job]
+    return sorted(names, key=lambda name: name != "gan")
+
+
 #: the two parts of the comparison: every family at the same training budget with the same
 #: milestones (conf/budget/main.yaml, which conf/experiment/digits_matched_*.yaml use),
 #: unconditional and class-conditional
@@ -52,8 +62,9 @@ CLASSIFIER_OVERRIDES = ("paths.", "logger", "trainer.max_steps")
 CLASSIFIER_SCALE = 1.0
 #: the guidance sweeps on the seed-0 conditional DDPM (Dhariwal & Nichol 2021 Table 4 / Figure 4 shape)
 SWEEPS = {"classifier_free": [0.0, 0.5, 1.0, 2.0, 4.0], "classifier": [0.0, 1.0, 2.0, 4.0, 8.0]}
-#: the sweeps' sampler: DDIM-10 (eta 1) keeps 2 x 5 scales x 3 sample sets inside the CPU budget
-SWEEP_SAMPLER = {"name": "ddim", "steps": 10, "eta": 1.0}
+#: the sweeps' sampler: the family's first at 10 NFE (the DDPM's DDIM-10 eta 1: samplers_at_nfe)
+#: keeps 2 x 5 scales x 3 sample sets inside the CPU budget
+SWEEP_NFE = 10
 SWEEP_REPEATS = 3
 SWEEP_SAMPLES = 1000
 #: what the main job runs per dataset (--dataset): its parts, the overrides of every run, the config
@@ -66,11 +77,18 @@ DATASETS = {
     "mnist": {"parts": {"unconditional": "mnist_{}"}, "overrides": [], "caches": ["datamodule=mnist", "evaluation=mnist"],
               "guidance": False, "nfe": False},
 }
-NFE_SAMPLERS = [(f"DDIM-{steps}" + (" eta=1" if eta else ""), {"name": "ddim", "steps": steps, "eta": eta})
-                for eta in (0.0, 1.0) for steps in (10, 20, 50)]
-NFE_SAMPLERS += [(f"DPM-Solver++-{steps}", {"name": "dpm_solver_pp", "steps": steps, "eta": 0.0}) for steps in (10, 20, 50)]
-#: ancestral sampling at the DDIM points' largest NFE (1000 steps would cost as much as the rest together)
-NFE_SAMPLERS.append(("ancestral-50", {"name": "ancestral", "steps": 50, "eta": 1.0}))
+#: the FID-against-NFE curve's points: each sampler a family declares at these NFE (samplers_at_nfe)
+NFE_POINTS = (10, 20, 50)
+#: the question of the paper the crossover answers: where the first's interval drops below the second's
+CROSSOVER = ("ddpm", "gan")
+
+
+def nfe_samplers(family: str, nfes=NFE_POINTS) -> list[tuple[str, str, dict]]:
+    """(curve, point label, sampler) of ``family``'s FID-against-NFE curve."""
+    from models.registry import family_class
+
+    return [(curve, f"{curve} @ {nfe}", sampler) for nfe in nfes
+            for curve, sampler in family_class(family).samplers_at_nfe(nfe).items()]
 
 
 def stage(name: str, started: float) -> None:
@@ -138,32 +156,27 @@ def sampler_overrides(sampler: dict) -> list[str]:
     return [f"sampler.{k}={'null' if v is None else v}" for k, v in sampler.items()]
 
 
-def curve_name(sampler: dict) -> str:
-    """The line of the FID-vs-NFE plot a sampler belongs to."""
-    if sampler["name"] == "ddim":
-        return f"DDIM (eta={sampler.get('eta', 0.0):g})"
-    return {"dpm_solver_pp": "DPM-Solver++(2M)"}.get(sampler["name"], sampler["name"])
-
-
-def fid_vs_nfe(ddpm_run: Path, out: Path, num_samples: int, extra: list[str],
-               samplers: list[tuple[str, dict]] = NFE_SAMPLERS) -> list[dict]:
-    """The DDIM paper's Table 1 shape on one checkpoint: DDIM, DPM-Solver++(2M) at several step
-    counts and ancestral sampling, evaluated with scripts/evaluate.py's evaluate()."""
+def fid_vs_nfe(run: Path, out: Path, num_samples: int, extra: list[str], family: str) -> list[dict]:
+    """The DDIM paper's Table 1 shape on one checkpoint: each sampler ``family`` declares at each
+    of NFE_POINTS (samplers_at_nfe), evaluated with scripts/evaluate.py's evaluate(); written to
+    ``out/fid_vs_nfe/<family>.json``."""
     from scripts.evaluate import evaluate
 
     points = []
-    for label, sampler in samplers:
-        cfg = eval_config(ddpm_run / "checkpoints" / "last.ckpt", out / "fid_vs_nfe" / label.replace(" ", "_"),
+    for curve, label, sampler in nfe_samplers(family):
+        slug = label.replace(" @ ", "-").replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
+        cfg = eval_config(run / "checkpoints" / "last.ckpt", out / "fid_vs_nfe" / family / slug,
                           [f"evaluation.num_samples={num_samples}", "evaluation.bpd_num_images=0",
                            "evaluation.grid_size=0", *sampler_overrides(sampler)], extra)
         r = evaluate(cfg)
-        points.append({"label": label, "nfe": r["metrics"]["nfe"], "fid": r["metrics"]["fid"], "eta": sampler["eta"],
-                       "curve": curve_name(sampler),
+        points.append({"family": family, "label": f"{family} {label}", "curve": f"{family}: {curve}",
+                       "nfe": r["metrics"]["nfe"], "fid": r["metrics"]["fid"], "sampler": sampler,
                        "extractor": r["feature_extractor"], "num_samples": num_samples,
                        "sec_per_sample": r["metrics"]["sec_per_sample"]})
-        print(f"  {label}: NFE {points[-1]['nfe']:.0f}, FID {points[-1]['fid']:.2f} [{points[-1]['extractor']}]", flush=True)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fid_vs_nfe.json").write_text(json.dumps(points, indent=2))
+        print(f"  {family} {label}: NFE {points[-1]['nfe']:.0f}, FID {points[-1]['fid']:.2f} "
+              f"[{points[-1]['extractor']}]", flush=True)
+    (out / "fid_vs_nfe").mkdir(parents=True, exist_ok=True)
+    (out / "fid_vs_nfe" / f"{family}.json").write_text(json.dumps(points, indent=2))
     return points
 
 
@@ -203,16 +216,18 @@ def classifier_record(classifier_ckpt: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def sweep(ddpm_run: Path, guidance: str, out_dir: Path, num_samples: int, extra: list[str],
-          classifier_ckpt: Path | None, group: str | None = None) -> list:
+def sweep(run: Path, guidance: str, out_dir: Path, num_samples: int, extra: list[str],
+          classifier_ckpt: Path | None, group: str | None = None, family: str = "ddpm") -> list:
+    """The guidance sweep (scripts/guidance_sweep.py) of one conditional run at SWEEP_NFE."""
     from scripts.guidance_sweep import guidance_sweep
 
+    _, _, sampler = nfe_samplers(family, (SWEEP_NFE,))[0]
     overrides = [f"guidance={guidance}", f"scales=[{','.join(map(str, SWEEPS[guidance]))}]",
                  f"evaluation.repeats={SWEEP_REPEATS}", f"evaluation.num_samples={num_samples}",
-                 *sampler_overrides(SWEEP_SAMPLER)]
+                 *sampler_overrides(sampler)]
     if classifier_ckpt is not None:
         overrides.append(f"sampler.classifier_ckpt={classifier_ckpt}")
-    return guidance_sweep(eval_config(ddpm_run / "checkpoints" / "last.ckpt", out_dir, overrides, extra,
+    return guidance_sweep(eval_config(run / "checkpoints" / "last.ckpt", out_dir, overrides, extra,
                                       config_name="guidance_sweep", group=group))
 
 
@@ -346,8 +361,8 @@ def write_part(name: str, records: list, out: Path, seeds: list[int]) -> dict:
     plot_sample_grids({k: v for k, v in grids.items() if v is not None}, plots / f"{name}_samples")
     result = {"table": table, "files": {k: str(v) for k, v in files.items()},
               "curves": {family: [vars(p) for p in curve] for family, curve in curves.items()}}
-    if {"ddpm", "gan"} <= set(curves):
-        result["crossover"] = crossover(curves, "ddpm", "gan")
+    if set(CROSSOVER) <= set(curves):
+        result["crossover"] = crossover(curves, *CROSSOVER)
         result["crossover"]["text"] = crossover_text(result["crossover"], f"FID [{extractor}]")
     return result
 
@@ -357,7 +372,7 @@ def _guided(record) -> bool:
     return "classifier" in (record.results or {})  # guided_budget() adds the classifier's share
 
 
-def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str, str] | None = None,
+def run_main_job(out: Path, seeds: list[int], families=None, parts: dict[str, str] | None = None,
                  extra: list[str] = (), nfe_samples: int = 128, jobs: int = 2, guidance: bool = True,
                  sweep_samples: int = SWEEP_SAMPLES, dataset: str = "digits") -> dict:
     """``parts``: {part name: experiment per family ("{}" = family), or one shared experiment swept
@@ -367,6 +382,7 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str
         raise ValueError(f"unknown main-job dataset {dataset!r}; choose one of {sorted(DATASETS)}")
     profile = DATASETS[dataset]
     parts = dict(profile["parts"] if parts is None else parts)
+    families = main_job_families() if families is None else list(families)
     nfe_samples = nfe_samples if profile["nfe"] else 0
     out.mkdir(parents=True, exist_ok=True)
     log = out / "main_job.log"
@@ -393,34 +409,39 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str
     by_part = {name: [r for r in records if _part_of(r, preset, families)] for name, preset in parts.items()}
     summary: dict = {"fid_vs_nfe": [], "sweeps": {}}
 
-    def seed0_ddpm(part: str) -> Path | None:
-        return next((Path(r.source) for r in by_part.get(part, []) if r.ok and r.results["model"] == "ddpm"
+    def seed0(part: str, family: str) -> Path | None:
+        return next((Path(r.source) for r in by_part.get(part, []) if r.ok and r.results["model"] == family
                      and r.results["seed"] == seeds[0]), None)
 
+    # what follows training asks each family what it can do (models/registry.py), never its name
+    from models.registry import family_class
+
+    capable = {family: family_class(family) for family in families}
     tasks, labels = [], []
-    cond0 = seed0_ddpm("conditional")
     classifier_ckpt = None
     if classifier_job is not None:
         stage("waiting for the noise-aware classifier", start)
         classifier_ckpt = classifier_job()
-    if conditional and cond0 is not None:
-        for guidance_kind in SWEEPS:
-            if guidance_kind == "classifier_free" or classifier_ckpt is not None:
-                tasks.append((sweep, cond0, guidance_kind, out / "sweeps" / guidance_kind, sweep_samples, extra,
-                              classifier_ckpt if guidance_kind == "classifier" else None, wandb_group(out)))
-                labels.append(f"sweep:{guidance_kind}")
-    uncond0 = seed0_ddpm(next(iter(parts)))
-    if uncond0 is not None and nfe_samples > 0:
-        tasks.append((fid_vs_nfe, uncond0, out, nfe_samples, extra))
-        labels.append("fid_vs_nfe")
-    if conditional and classifier_ckpt is not None:
-        for r in by_part["conditional"]:
-            if r.ok and r.results["model"] == "ddpm":
-                seed = r.results["seed"]
-                tasks.append((classifier_guided, Path(r.source), classifier_ckpt,
-                              out / "guided" / f"digits_cond_ddpm_classifier_seed{seed}", r.results["sampler"],
-                              r.results["num_samples"], extra, [], wandb_group(out)))
-                labels.append(f"guided:{seed}")
+    for family, cls in capable.items():
+        cond0 = seed0("conditional", family) if conditional else None
+        for guidance_kind in SWEEPS if cond0 is not None else ():
+            if guidance_kind in cls.guidance_kinds and (guidance_kind != "classifier" or classifier_ckpt is not None):
+                tasks.append((sweep, cond0, guidance_kind, out / "sweeps" / family / guidance_kind, sweep_samples,
+                              extra, classifier_ckpt if guidance_kind == "classifier" else None, wandb_group(out),
+                              family))
+                labels.append(f"sweep:{family}/{guidance_kind}")
+        uncond0 = seed0(next(iter(parts)), family)
+        if uncond0 is not None and nfe_samples > 0 and cls.samplers_at_nfe(NFE_POINTS[0]):
+            tasks.append((fid_vs_nfe, uncond0, out, nfe_samples, extra, family))
+            labels.append(f"fid_vs_nfe:{family}")
+        if conditional and classifier_ckpt is not None and "classifier" in cls.guidance_kinds:
+            for r in by_part["conditional"]:
+                if r.ok and r.results["model"] == family:
+                    seed = r.results["seed"]
+                    tasks.append((classifier_guided, Path(r.source), classifier_ckpt,
+                                  out / "guided" / f"{parts['conditional'].format(family)}_classifier_seed{seed}",
+                                  r.results["sampler"], r.results["num_samples"], extra, [], wandb_group(out)))
+                    labels.append(f"guided:{family}:{seed}")
     if tasks:
         stage(f"guidance and samplers, {jobs} at a time: " + ", ".join(labels), start)
         for label, result in zip(labels, run_parallel(tasks, jobs, keep_going=True)):
@@ -429,8 +450,8 @@ def run_main_job(out: Path, seeds: list[int], families=FAMILIES, parts: dict[str
                 summary.setdefault("failed_stages", {})[label] = str(result)
             elif label.startswith("sweep:"):
                 summary["sweeps"][label.split(":")[1]] = result
-            elif label == "fid_vs_nfe":
-                summary["fid_vs_nfe"] = result
+            elif label.startswith("fid_vs_nfe:"):
+                summary["fid_vs_nfe"] += result
     stage("tables and plots", start)
     if (out / "guided").is_dir():
         by_part.setdefault("conditional", []).extend(collect_local([out / "guided"]))
@@ -496,22 +517,23 @@ def headline(out: Path, tables: dict, summary: dict) -> str:
         crossing = summary.get("crossover", {}).get(name)
         if crossing:
             lines += [f"Crossover ({name}): {crossing['text']}.", ""]
-    for kind, rows in (summary.get("sweeps") or {}).items():
-        if rows:
-            sweep_md = out / "sweeps" / kind / "sweep.md"
-            if sweep_md.is_file():
-                lines += [f"**{kind.replace('_', '-')} guidance sweep** (seed-0 conditional DDPM):", "",
-                          sweep_md.read_text().rstrip(), ""]
+    for key, rows in (summary.get("sweeps") or {}).items():
+        family, _, kind = key.rpartition("/")   # sweeps/<family>/<kind>
+        sweep_md = out / "sweeps" / key / "sweep.md"
+        if rows and sweep_md.is_file():
+            lines += [f"**{kind.replace('_', '-')} guidance sweep** (seed-0 conditional {family or 'model'}):", "",
+                      sweep_md.read_text().rstrip(), ""]
     figures = [f"plots/{stem}.png" for stem in HEADLINE_FIGURES if (out / "plots" / f"{stem}.png").is_file()]
-    figures += [str(p.relative_to(out)) for p in sorted((out / "sweeps").glob("*/plots/guidance_sweep.png"))]
+    figures += [str(p.relative_to(out)) for p in sorted((out / "sweeps").glob("*/*/plots/guidance_sweep.png"))]
     lines += [f"![{Path(f).stem}]({f})" for f in figures]
     return "\n".join(lines) + "\n"
 
 
-def rebuild_summary(out: Path, families=FAMILIES) -> str:
+def rebuild_summary(out: Path, families=None) -> str:
     """summary.md of a main job from its run directories and main_job.json (the tables, curves and
     crossover recomputed as the job computes them)."""
     job = json.loads((out / "main_job.json").read_text())
+    families = main_job_families() if families is None else families
     records = collect_local([out / "runs"])
     seeds = job.get("seeds") or sorted({r.results["seed"] for r in records if r.ok})
     by_part = {name: [r for r in records if _part_of(r, preset, families)] for name, preset in PARTS.items()}
@@ -526,6 +548,15 @@ def rebuild_summary(out: Path, families=FAMILIES) -> str:
     return text
 
 
+def published_name(figure: Path) -> str:
+    """A figure's file name under docs/figures/main/: sweeps/<family>/<kind>/plots/guidance_sweep.png
+    becomes <family>_<kind>_sweep.png, plots/<name> stays <name>."""
+    if figure.stem != "guidance_sweep":
+        return figure.name
+    sweep_dir = figure.parent.parent
+    return f"{sweep_dir.parent.name}_{sweep_dir.name}_sweep{figure.suffix}"
+
+
 def publish(out: Path, readme: Path = ROOT / "README.md", docs: Path = ROOT / "docs") -> list[Path]:
     """Copy a finished main job's summary into the README (between its ``main-job`` markers) and
     docs/main_job.md (with the full tables), and its figures into docs/figures/main/."""
@@ -537,14 +568,12 @@ def publish(out: Path, readme: Path = ROOT / "README.md", docs: Path = ROOT / "d
     for line in summary.splitlines():
         if line.startswith("!["):
             source = out / line[line.index("](") + 2:-1]
-            shutil.copyfile(source, figures / source.name.replace("guidance_sweep", f"{source.parent.parent.name}_sweep"))
+            shutil.copyfile(source, figures / published_name(source))
 
     def relink(text: str, prefix: str) -> str:
         import re
         def target(match) -> str:
-            source = Path(match.group(2))
-            name = source.name.replace("guidance_sweep", f"{source.parent.parent.name}_sweep")
-            return f"![{match.group(1)}]({prefix}{name})"
+            return f"![{match.group(1)}]({prefix}{published_name(Path(match.group(2)))})"
         return re.sub(r"!\[([^\]]*)\]\(([^)]*)\)", target, text)
 
     full = [relink(summary, "figures/main/"), "## Full tables", ""]
@@ -575,7 +604,9 @@ def main(argv=None) -> None:
                    help="digits: both parts with guidance (make main); mnist: the 28x28 benchmark, unconditional, "
                         "N = 2000 Inception samples per run (make main-mnist)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--families", nargs="+", default=list(FAMILIES))
+    p.add_argument("--families", nargs="+", default=None,
+                   help="the families to compare (default: every registered family whose in_main_job is true: "
+                        f"{' '.join(main_job_families())})")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--nfe-samples", type=int, default=128, help="samples per point of the FID-vs-NFE curve")
     p.add_argument("--jobs", type=int, default=2, help="jobs run side by side (1 thread each)")

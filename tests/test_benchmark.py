@@ -4,7 +4,11 @@ import json
 
 import pytest
 
+from models.registry import families, family_class
 from scripts.benchmark import main
+
+#: every registered family (models/registry.py)
+FAMILIES = list(families())
 
 
 def test_benchmark_writes_json_and_markdown(tmp_path, shared_cache):
@@ -110,11 +114,13 @@ def test_fast_path_table_compares_switches_through_the_default_bare_clock(monkey
     assert fused["overrides"] == ["model.g_optimizer.fused=true"]   # the GAN's optimizers (D's interpolates G's)
 
 
-@pytest.mark.parametrize("family", ["gan", "vae", "realnvp", "ddpm"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_fast_path_switch_composes_for_every_family(family):
-    """Each switch that applies to the family (all but the EMA one for the VAE and the flow, which
-    keep no EMA) composes with the family's config (the GAN's optimizers are g_optimizer and
-    d_optimizer) and reaches it."""
+    """Each switch that applies to the family (all but the EMA one for a family that keeps no EMA,
+    such as the VAE and RealNVP) composes with the family's config (the GAN's optimizers are
+    g_optimizer and d_optimizer) and reaches it."""
+    import inspect
+
     from omegaconf import OmegaConf
 
     from benchmarks.configs import compose_cfg
@@ -122,7 +128,8 @@ def test_every_fast_path_switch_composes_for_every_family(family):
 
     names = applicable_switches(family, list(FAST_PATHS))
     ema = "per-tensor EMA (ema_foreach=false)"
-    assert set(FAST_PATHS) - set(names) == (set() if family in ("gan", "ddpm") else {ema})
+    keeps_ema = "ema_foreach" in inspect.signature(family_class(family).__init__).parameters
+    assert set(FAST_PATHS) - set(names) == (set() if keeps_ema else {ema})
     for name in names:
         overrides = switch_overrides(family, name)
         cfg = compose_cfg([f"experiment=digits_{family}", *overrides])
@@ -151,7 +158,7 @@ def test_fast_path_table_skips_switches_the_family_has_no_key_for(monkeypatch):
     assert measured == [(), ("model.optimizer.fused=true",)]
 
 
-@pytest.mark.parametrize("family", ["gan", "vae", "realnvp", "ddpm"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_bare_loop_calls_the_modules_own_loss_functions(family, monkeypatch):
     """The bare loop and Lightning's training_step call the same loss functions of the module (so
     the two loops cannot drift apart); and one bare step updates the weights like a training step."""
@@ -160,14 +167,18 @@ def test_bare_loop_calls_the_modules_own_loss_functions(family, monkeypatch):
     from benchmarks.bare_loop import bare_step_fn
     from benchmarks.configs import build
 
+    from models.base import GenerativeModule
+
     _, dm, model = build(family, torch.device("cpu"), 16)
-    names = ["discriminator_step_loss", "generator_step_loss"] if family == "gan" else ["training_loss"]
+    # the loss functions the family itself defines (its training_step calls them)
+    names = [n for n in ("training_loss", "discriminator_step_loss", "generator_step_loss")
+             if getattr(type(model), n, None) not in (None, getattr(GenerativeModule, n, None))]
     called = []
     for name in names:
         real = getattr(model, name)
         monkeypatch.setattr(model, name, lambda *a, _real=real, _name=name, **k: called.append(_name) or _real(*a, **k))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    bare_step_fn(family, model)(next(iter(dm.train_dataloader()))[0])
-    assert called == names
+    bare_step_fn(model)(next(iter(dm.train_dataloader()))[0])
+    assert called == names and names
     changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
-    assert changed and (family in ("vae", "realnvp") or any(k.startswith("ema.") for k in changed))
+    assert changed and (not hasattr(model, "ema") or any(k.startswith("ema.") for k in changed))

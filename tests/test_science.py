@@ -244,12 +244,12 @@ def test_the_main_jobs_presets_train_every_family_on_the_same_budget(tmp_path):
     (counted on a real batch), each spends it to within one batch."""
     from models.budget import plan_budget
     from models.compute import training_flops_per_image
-    from scripts.main_job import FAMILIES, PARTS
+    from scripts.main_job import PARTS, main_job_families
 
     main_budget = compose_train(["budget=main"], tmp_path).budget
     BUDGET_FLOPS = main_budget.train_flops
     for part, preset in PARTS.items():
-        for family in FAMILIES:
+        for family in main_job_families():
             cfg = compose_train([f"experiment={preset.format(family)}"], tmp_path)
             assert cfg.budget == main_budget, (part, family)
             model, dm = hydra.utils.instantiate(cfg.model), hydra.utils.instantiate(cfg.datamodule)
