@@ -27,6 +27,19 @@ from models.training_loop import TrainingLoopMixin
 LikelihoodKind = Literal["exact", "dequantized", "elbo", "ode"] | None
 
 
+@dataclass(frozen=True)
+class LossTerm:
+    """One loss of a family's training step: ``loss(images, labels)`` -> a scalar, minimised by the
+    family's optimizer number ``optimizer`` (the order of ``configure_optimizers``) on every
+    ``every``-th batch; ``updates_ema``: the EMA follows that optimizer step. What the compute
+    count (models/compute.py) and the benchmark's bare loop (benchmarks/bare_loop.py) call."""
+
+    loss: Callable[[Tensor, Tensor | None], Tensor]
+    optimizer: int = 0
+    every: int = 1
+    updates_ema: bool = True
+
+
 class TrainedModule(TrainingLoopMixin, ExactResumeMixin, pl.LightningModule):
     """What every module scripts/train.py trains shares: the logging gate and NaN check, exact
     resume, the run config stored in each checkpoint. The generative families and the noise-aware
@@ -54,6 +67,14 @@ class TrainedModule(TrainingLoopMixin, ExactResumeMixin, pl.LightningModule):
             raise ValueError(f"model.warmup_fraction must be in [0, 1), got {warmup_fraction!r}")
         self.warmup_steps, self.warmup_fraction, self.lr_decay = int(warmup_steps), warmup_fraction, lr_decay
 
+    def update_ema(self) -> None:
+        """Move the family's EMA weights after an optimizer step (none by default)."""
+
+    def loss_terms(self) -> list[LossTerm]:
+        """The losses one training batch minimises (:class:`LossTerm`): by default
+        ``training_loss``'s "loss" with the one optimizer."""
+        return [LossTerm(lambda images, labels: self.training_loss(images, labels)["loss"])]
+
     def optimizer_with_schedule(self, factory, params) -> dict:
         from models.optim import build_optimizer
 
@@ -75,19 +96,6 @@ class TrainedModule(TrainingLoopMixin, ExactResumeMixin, pl.LightningModule):
         self.run_config = checkpoint.get("genbench_config", self.run_config)
         self.batches_started = int(checkpoint.get("genbench_batches_started", self.batches_started))
         self.load_resume_state(checkpoint)
-
-
-@dataclass(frozen=True)
-class LossTerm:
-    """One loss of a family's training step: ``loss(images, labels)`` -> a scalar, minimised by the
-    family's optimizer number ``optimizer`` (the order of ``configure_optimizers``) on every
-    ``every``-th batch; ``updates_ema``: the EMA follows that optimizer step. What the compute
-    count (models/compute.py) and the benchmark's bare loop (benchmarks/bare_loop.py) call."""
-
-    loss: Callable[[Tensor, Tensor | None], Tensor]
-    optimizer: int = 0
-    every: int = 1
-    updates_ema: bool = True
 
 
 class GenerativeModule(TrainedModule):
@@ -126,13 +134,6 @@ class GenerativeModule(TrainedModule):
         choice at a small NFE. Empty: the family samples at one fixed cost."""
         return {}
 
-    def update_ema(self) -> None:
-        """Move the family's EMA weights after an optimizer step (none by default)."""
-
-    def loss_terms(self) -> list[LossTerm]:
-        """The losses one training batch minimises (:class:`LossTerm`): by default
-        ``training_loss``'s "loss" with the one optimizer."""
-        return [LossTerm(lambda images, labels: self.training_loss(images, labels)["loss"])]
 
     def __init__(self, image_shape: Sequence[int], num_classes: int | None = None):
         super().__init__()

@@ -8,14 +8,16 @@ unconditional and class-conditional, one shared evaluation, guidance, then table
 Steps:
   1. the classifier extractor is trained and the real-image statistics cached (once), while the
      noise-aware classifier of classifier guidance trains beside it;
-  2. one real Hydra multirun of scripts/train.py over both parts (digits_matched_<family>: the
-     unconditional families; digits_cond_<family>: class-conditional, the DDPM with label dropout
-     and classifier-free guidance) x seeds, two single-threaded jobs side by side, every run an
-     ordinary run dir; classifier features at every evaluation, the standard Inception
-     (inception_pool) in the final evaluation of the seed-0 conditional GAN and DDPM;
-  3. two at a time: each conditional DDPM evaluated with classifier guidance; the guidance sweeps
-     (classifier-free and classifier) on the seed-0 conditional DDPM; FID vs NFE of the seed-0
-     unconditional DDPM;
+  2. one real Hydra multirun of scripts/train.py over experiment=digits_matched_<family> x
+     conditioning=none,class (class-conditional: every family conditions on the labels; the
+     families with a null class train it by label dropout and sample with classifier-free
+     guidance, conf/conditioning/class.yaml) x seeds, two single-threaded jobs side by side, every
+     run an ordinary run dir; classifier features at every evaluation, the standard Inception
+     (inception_pool) in every final evaluation;
+  3. two at a time, by what each family declares (models/registry.py): each conditional run of a
+     family with classifier guidance evaluated with it (the DDPM); the guidance sweeps of each
+     kind a family declares on its seed-0 conditional run; FID against NFE of each family's
+     seed-0 unconditional run, with the samplers it declares at 10, 20 and 50 NFE;
   4. make_table for each part (Markdown, LaTeX, CSV) and the plots (PNG + PDF).
 """
 from __future__ import annotations
@@ -53,8 +55,21 @@ def main_job_families() -> list[str]:
 
 #: the two parts of the comparison: every family at the same training budget with the same
 #: milestones (conf/budget/main.yaml, which conf/experiment/digits_matched_*.yaml use),
-#: unconditional and class-conditional
-PARTS = {"unconditional": "digits_matched_{}", "conditional": "digits_cond_{}"}
+#: unconditional and class-conditional. A part: (the experiment per family, "{}" = the family, or
+#: one shared experiment swept over model=...; its conditioning, conf/conditioning/)
+PARTS = {"unconditional": ("digits_matched_{}", "none"), "conditional": ("digits_matched_{}", "class")}
+
+
+def as_part(part) -> tuple[str, str]:
+    """A part as (experiment, conditioning); a bare experiment is unconditional."""
+    return (part, "none") if isinstance(part, str) else (part[0], part[1])
+
+
+def part_overrides(part, family: str) -> list[str]:
+    """The overrides of ``family``'s run in ``part``."""
+    preset, conditioning = as_part(part)
+    return ([f"experiment={preset.format(family)}"] if "{}" in preset else [f"experiment={preset}", f"model={family}"]) \
+        + [f"conditioning={conditioning}"]
 CLASSIFIER_PRESET = "digits_noisy_classifier"
 #: the main job's extra overrides that also apply to the noise-aware classifier
 CLASSIFIER_OVERRIDES = ("paths.", "logger", "trainer.max_steps")
@@ -74,7 +89,7 @@ DATASETS = {
     "digits": {"parts": PARTS, "overrides": ["evaluation.reference.num_images=300"], "caches": [],
                "guidance": True, "nfe": True},
     # the 28x28 benchmark: unconditional, N = 2000 against the 10k test set (conf/evaluation/mnist.yaml)
-    "mnist": {"parts": {"unconditional": "mnist_{}"}, "overrides": [], "caches": ["datamodule=mnist", "evaluation=mnist"],
+    "mnist": {"parts": {"unconditional": ("mnist_{}", "none")}, "overrides": [], "caches": ["datamodule=mnist", "evaluation=mnist"],
               "guidance": False, "nfe": False},
 }
 #: the FID-against-NFE curve's points: each sampler a family declares at these NFE (samplers_at_nfe)
@@ -107,7 +122,9 @@ def multirun(out: Path, sweep: list[str], seeds: list[int], extra: list[str], lo
     sweep's live overview."""
     parallel = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", "num_threads=1"] if jobs > 1 else []
     cmd = [sys.executable, "scripts/train.py", "-m", *sweep, f"seed={','.join(map(str, seeds))}",
-           f"hydra.sweep.dir={out / 'runs'}", "hydra.sweep.subdir=${hydra:runtime.choices.experiment}_${hydra:runtime.choices.model}_seed${seed}",
+           f"hydra.sweep.dir={out / 'runs'}",
+           "hydra.sweep.subdir=${hydra:runtime.choices.experiment}_${hydra:runtime.choices.model}"
+           "_${hydra:runtime.choices.conditioning}_seed${seed}",
            "callbacks.progress_bar=null", f"task_name={wandb_group(out)}", *parallel, *extra]
     print("+", " ".join(cmd), flush=True)
     print(f"  jobs log to {log} and to their run directories under {out / 'runs'}", flush=True)
@@ -381,7 +398,10 @@ def run_main_job(out: Path, seeds: list[int], families=None, parts: dict[str, st
     if dataset not in DATASETS:
         raise ValueError(f"unknown main-job dataset {dataset!r}; choose one of {sorted(DATASETS)}")
     profile = DATASETS[dataset]
-    parts = dict(profile["parts"] if parts is None else parts)
+    parts = {name: as_part(part) for name, part in (profile["parts"] if parts is None else parts).items()}
+    presets = sorted({preset for preset, _ in parts.values()})
+    if len(presets) != 1:   # one multirun: experiments x conditionings x seeds
+        raise ValueError(f"the parts of one main job share their experiment; got {presets}")
     families = main_job_families() if families is None else list(families)
     nfe_samples = nfe_samples if profile["nfe"] else 0
     out.mkdir(parents=True, exist_ok=True)
@@ -393,10 +413,10 @@ def run_main_job(out: Path, seeds: list[int], families=None, parts: dict[str, st
           + (", the noise-aware classifier beside them" if conditional else ""), start)
     classifier_job = noisy_classifier_in_background(out / "classifier", extra) if conditional else None
     prepare_caches(["classifier", "inception_pool"], [*profile["caches"], *extra])
-    experiments = [p.format(f) for p in parts.values() if "{}" in p for f in families]
-    shared = [p for p in parts.values() if "{}" not in p]
-    sweep_args = [f"experiment={','.join(experiments)}"] if experiments else \
-        [f"experiment={shared[0]}", f"model={','.join(families)}"]
+    preset = presets[0]
+    sweep_args = [f"experiment={','.join(preset.format(f) for f in families)}"] if "{}" in preset else \
+        [f"experiment={preset}", f"model={','.join(families)}"]
+    sweep_args.append(f"conditioning={','.join(dict.fromkeys(c for _, c in parts.values()))}")
     expected = len(families) * len(seeds) * len(parts)
     reused_training = False
     finished = [r for r in collect_local([out / "runs"]) if r.ok] if (out / "runs").is_dir() else []
@@ -439,7 +459,7 @@ def run_main_job(out: Path, seeds: list[int], families=None, parts: dict[str, st
                 if r.ok and r.results["model"] == family:
                     seed = r.results["seed"]
                     tasks.append((classifier_guided, Path(r.source), classifier_ckpt,
-                                  out / "guided" / f"{parts['conditional'].format(family)}_classifier_seed{seed}",
+                                  out / "guided" / f"{preset.format(family)}_class_classifier_seed{seed}",
                                   r.results["sampler"], r.results["num_samples"], extra, [], wandb_group(out)))
                     labels.append(f"guided:{family}:{seed}")
     if tasks:
@@ -591,11 +611,14 @@ def publish(out: Path, readme: Path = ROOT / "README.md", docs: Path = ROOT / "d
     return written
 
 
-def _part_of(record, preset: str, families) -> bool:
-    """Whether a run dir belongs to a part: its experiment is the part's preset for some family."""
+def _part_of(record, part, families) -> bool:
+    """Whether a run dir (<experiment>_<model>_<conditioning>_seed<seed>) belongs to a part: its
+    experiment is the part's for some family, its conditioning the part's."""
+    preset, conditioning = as_part(part)
     name = Path(record.source).name
-    return any(name.startswith(preset.format(f) + "_") for f in families) if "{}" in preset \
+    ours = any(name.startswith(preset.format(f) + "_") for f in families) if "{}" in preset \
         else name.startswith(preset + "_")
+    return ours and f"_{conditioning}_seed" in name
 
 
 def main(argv=None) -> None:
@@ -615,7 +638,7 @@ def main(argv=None) -> None:
     p.add_argument("--preset", default=None,
                    help='only this part: experiment per family ("{}" = family) or one shared one, e.g. '
                         '"digits_{}" = each family at its own preset budget, unconditional; default: both parts '
-                        '(digits_matched_{} and digits_cond_{}) with guidance')
+                        '(digits_matched_{} with conditioning=none and conditioning=class) with guidance')
     p.add_argument("--publish", type=Path, default=None, metavar="MAIN_JOB_DIR",
                    help="run nothing: copy that finished main job's summary, tables and figures into README.md "
                         "and docs/main_job.md (what regenerates them)")

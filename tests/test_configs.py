@@ -22,7 +22,7 @@ def test_hydras_own_compose_resolves_once_any_genbench_module_is_imported():
     done = run_fresh("import models.ddpm\n"
                      "from hydra import compose, initialize_config_dir\n"
                      f"with initialize_config_dir(config_dir={str(ROOT / 'conf')!r}, version_base='1.3'):\n"
-                     "    cfg = compose(config_name='train', overrides=['experiment=digits_cond_ddpm'])\n"
+                     "    cfg = compose(config_name='train', overrides=['experiment=digits_matched_ddpm', 'conditioning=class'])\n"
                      "print(list(cfg.model.net.attention_resolutions), cfg.model.net.null_class)")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["[4]", "True"]
@@ -39,7 +39,7 @@ def test_threads_compose_at_the_same_time():
     def work():
         try:
             for _ in range(3):
-                results.append(compose("train", ["experiment=digits_cond_ddpm"]).model.num_classes)
+                results.append(compose("train", ["experiment=digits_matched_ddpm", "conditioning=class"]).model.num_classes)
         except Exception as err:  # noqa: BLE001  (reported below)
             errors.append(err)
 

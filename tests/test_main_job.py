@@ -138,9 +138,10 @@ def test_runs_are_assigned_to_their_part_and_labelled_by_guidance(tmp_path):
 
     def record(name):
         return RunRecord(str(tmp_path / name), {})
-    assert _part_of(record("digits_cond_gan_gan_seed0"), PARTS["conditional"], FAMILIES)
-    assert not _part_of(record("digits_cond_gan_gan_seed0"), PARTS["unconditional"], FAMILIES)
-    assert _part_of(record("smoke_vae_seed1"), "smoke", FAMILIES)
+    assert _part_of(record("digits_matched_gan_gan_class_seed0"), PARTS["conditional"], FAMILIES)
+    assert not _part_of(record("digits_matched_gan_gan_class_seed0"), PARTS["unconditional"], FAMILIES)
+    assert _part_of(record("digits_matched_gan_gan_none_seed0"), PARTS["unconditional"], FAMILIES)
+    assert _part_of(record("smoke_vae_none_seed1"), "smoke", FAMILIES)
     sampler = {"name": "ddim", "steps": 50, "eta": 1.0, "guidance_scale": 0.0, "classifier_scale": 2.0,
                "classifier_ckpt": "/x/logs/main/classifier/checkpoints/last.ckpt"}
     assert sampler_text(sampler) == "ddim-50 classifier_ckpt=classifier classifier_scale=2 eta=1"
@@ -164,13 +165,13 @@ def test_mnist_main_job_composes_every_run_and_its_caches(tmp_path):
     from scripts.main_job import DATASETS, main_job_families
 
     profile = DATASETS["mnist"]
-    assert profile["parts"] == {"unconditional": "mnist_{}"} and not profile["guidance"]
+    assert profile["parts"] == {"unconditional": ("mnist_{}", "none")} and not profile["guidance"]
     for family in main_job_families():
         cfg = compose("train", [f"experiment=mnist_{family}", *profile["overrides"]])
         assert cfg.datamodule.name == "mnist" and cfg.datamodule.image_size == 32
         assert cfg.evaluation.final_extractors == ["inception_pool"] and cfg.evaluation.num_samples >= 2000
         assert cfg.evaluation.reference.split == "test" and cfg.evaluation.reference.num_images is None
-        cond = compose("train", [f"experiment=mnist_cond_{family}"])
+        cond = compose("train", [f"experiment=mnist_{family}", "conditioning=class"])
         assert cond.model.num_classes == 10
     caches = compose("train", profile["caches"])
     assert caches.datamodule.name == "mnist" and caches.evaluation.reference.split == "test"
@@ -192,10 +193,10 @@ def test_a_classifier_guided_row_counts_the_classifiers_budget_and_parameters():
 def test_the_noise_aware_classifier_is_trained_on_the_guided_ddpms_process(tmp_path):
     """A guided DDPM refuses a classifier of another schedule (models/noisy_classifier.py): the main
     job's classifier preset must follow the conditional DDPM's process."""
-    from scripts.main_job import CLASSIFIER_PRESET, PARTS
+    from scripts.main_job import CLASSIFIER_PRESET, PARTS, part_overrides
 
     classifier = compose_train([f"experiment={CLASSIFIER_PRESET}"], tmp_path).model.diffusion
-    ddpm = compose_train([f"experiment={PARTS['conditional'].format('ddpm')}"], tmp_path).model.diffusion
+    ddpm = compose_train(part_overrides(PARTS["conditional"], "ddpm"), tmp_path).model.diffusion
     assert (classifier.schedule, classifier.num_timesteps) == (ddpm.schedule, ddpm.num_timesteps)
 
 

@@ -239,18 +239,18 @@ def test_training_compute_is_counted_on_a_copy_and_scales_with_images(tmp_path):
 
 
 def test_the_main_jobs_presets_train_every_family_on_the_same_budget(tmp_path):
-    """conf/experiment/digits_matched_* and their class-conditional versions digits_cond_* state one
+    """conf/experiment/digits_matched_*, unconditional and with conditioning=class, state one
     FLOP budget and nothing else about their length: planned from the real model's FLOPs per image
     (counted on a real batch), each spends it to within one batch."""
     from models.budget import plan_budget
     from models.compute import training_flops_per_image
-    from scripts.main_job import PARTS, main_job_families
+    from scripts.main_job import PARTS, main_job_families, part_overrides
 
     main_budget = compose_train(["budget=main"], tmp_path).budget
     BUDGET_FLOPS = main_budget.train_flops
-    for part, preset in PARTS.items():
+    for part, spec in PARTS.items():
         for family in main_job_families():
-            cfg = compose_train([f"experiment={preset.format(family)}"], tmp_path)
+            cfg = compose_train(part_overrides(spec, family), tmp_path)
             assert cfg.budget == main_budget, (part, family)
             model, dm = hydra.utils.instantiate(cfg.model), hydra.utils.instantiate(cfg.datamodule)
             dm.setup()
