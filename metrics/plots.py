@@ -79,26 +79,35 @@ def plot_fid_vs_compute(curves: dict[str, list[CurvePoint]], out_stem: Path, yla
 def plot_fid_vs_nfe(points: Sequence[dict], out_stem: Path) -> list[Path]:
     """points: {"label": "ddpm DDIM (eta=0) @ 50", "nfe": 50, "fid": ..., "curve": "ddpm: DDIM (eta=0)"};
     the DDIM paper's Table 1 shape: one line per curve (a family's sampler), a star for a curve of
-    one point. Without ``curve``, each label is its own curve."""
+    one point. Without ``curve``, each label is its own curve. Points of one label from several
+    seeds' checkpoints are averaged, with their 95% interval as error bars."""
     def curve(p: dict) -> str:
         return p.get("curve") or p["label"]
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = plt.subplots(figsize=(6, 4))
     names = list(dict.fromkeys(curve(p) for p in points))
     for i, name in enumerate(names):
-        line = sorted((p for p in points if curve(p) == name), key=lambda p: p["nfe"])
+        by_label: dict[str, list[dict]] = {}
+        for p in points:
+            if curve(p) == name:
+                by_label.setdefault(p["label"], []).append(p)
+        line = []
+        for label, group in by_label.items():
+            fid, std = mean_std([p["fid"] for p in group])
+            line.append((mean_std([p["nfe"] for p in group])[0], fid, t_half_width(std, len(group)), label))
+        line.sort()
+        style = {"color": f"C{i % 10}", "linestyle": "-" if i < 10 else "--"}
         if len(line) > 1:
-            ax.plot([p["nfe"] for p in line], [p["fid"] for p in line], marker="o", color=f"C{i}", label=name)
+            ax.errorbar([x for x, *_ in line], [y for _, y, *_ in line], yerr=[h for _, _, h, _ in line],
+                        marker="o", ms=3, capsize=2, label=name, **style)
         else:
-            ax.scatter([line[0]["nfe"]], [line[0]["fid"]], marker="*", s=120, color=f"C{i}", label=line[0]["label"],
-                       zorder=3)
-    for p in points:
-        ax.annotate(str(int(p["nfe"])), (p["nfe"], p["fid"]), textcoords="offset points", xytext=(3, 4), fontsize=7)
+            ax.errorbar([line[0][0]], [line[0][1]], yerr=[line[0][2]], marker="*", ms=10, label=line[0][3],
+                        zorder=3, **style)
     ax.set_xscale("log")
     ax.set_xlabel("network evaluations per sample (NFE)")
     ax.set_ylabel(f"FID [{points[0].get('extractor', '')}]" if points else "FID")
-    ax.legend()
-    ax.set_title("FID against network evaluations per sample")
+    ax.legend(fontsize=7)
+    ax.set_title("FID against network evaluations per sample", fontsize=9)
     return _save(fig, out_stem)
 
 

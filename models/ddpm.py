@@ -10,11 +10,13 @@ import torch
 from torch import Tensor, nn
 
 from models.base import GenerativeModule, NullClassMixin
-from models.noise import Noise
+from models.noise import Noise, randn
 from models.components.ema import EMA
 from models.diffusion.gaussian_diffusion import GaussianDiffusion
 
 SAMPLERS = ("ancestral", "ddim", "dpm_solver_pp")
+#: how the probability-flow likelihood meets 8-bit data (DDPM.log_likelihood)
+ODE_STARTS = ("dequantized", "decoder")
 #: the sampler settings a DDPM understands (evaluation.sampler / sampler.* overrides)
 SAMPLER_DEFAULTS = {"name": "ancestral", "steps": None, "eta": 1.0,
                     "guidance_scale": 0.0, "classifier_ckpt": None, "classifier_scale": 0.0}
@@ -72,12 +74,15 @@ class DDPM(NullClassMixin, GenerativeModule):
                  likelihood: dict[str, Any] | None = None):
         super().__init__(image_shape, num_classes)
         #: bits/dim from the variational bound ("elbo", Ho et al. Eq. 5) or from the probability-flow
-        #: ODE ("ode", Song et al. 2021, Sec. D.2), with the ODE's rtol, atol and exact_max_dims
+        #: ODE ("ode", Song et al. 2021, Sec. D.2), with the ODE's rtol, atol and exact_max_dims, and
+        #: how the ODE meets the 8-bit data (``start``: :meth:`log_likelihood`)
         self.likelihood_settings = {"kind": "elbo", "rtol": 1e-5, "atol": 1e-5, "exact_max_dims": 64,
-                                    **(likelihood or {})}
+                                    "start": "dequantized", **(likelihood or {})}
         if self.likelihood_settings["kind"] not in ("elbo", "ode"):
             raise ValueError(f"model.likelihood.kind={self.likelihood_settings['kind']!r}; choose elbo (the "
                              "variational bound) or ode (the probability-flow ODE)")
+        if self.likelihood_settings["start"] not in ODE_STARTS:
+            raise ValueError(f"model.likelihood.start={self.likelihood_settings['start']!r}; choose one of {ODE_STARTS}")
         self.likelihood_kind = self.likelihood_settings["kind"]
         self._likelihood_record: dict[str, Any] = {}
         self.set_label_dropout(net, label_dropout)
@@ -242,17 +247,36 @@ class DDPM(NullClassMixin, GenerativeModule):
     @torch.no_grad()
     def log_likelihood(self, x: Tensor, generator: Noise = None, labels: Tensor | None = None) -> Tensor:
         """Lower bound on log p(x) (log p(x | y) when conditional) in nats: -L of Eq. 5 with the
-        discretized decoder (Eq. 13); with ``likelihood.kind=ode`` the dequantized density from the
-        probability-flow ODE (Song et al. 2021, Sec. D.2) from t = 1/T (timestep 0) to 1."""
+        discretized decoder (Eq. 13); with ``likelihood.kind=ode`` from the probability-flow ODE
+        (Song et al. 2021, Sec. D.2) from t = 1/T (timestep 0) to 1, which meets the 8-bit data
+        (``likelihood.start``) either
+
+        - "dequantized": as a flow does, the ODE's density of the uniformly dequantized image at
+          timestep 0 (RealNVP's and flow matching's definition); or
+        - "decoder": as the bound does, through timestep 0's noising and the discretized decoder,
+          one latent x_0 ~ q(x_0 | x) per image:
+          log p(x) >= log p(x | x_0) + log p_ode(x_0) - log q(x_0 | x),
+          the bound of Eq. 5 with L_T + sum L_{t-1} for t >= 1 replaced by the ODE's density."""
         model = self.conditioned(self.ema.shadow, self.check_labels(labels, x.shape[0]))
         if self.likelihood_kind == "ode":
-            from models.flow_matching import dequantized_ode_log_likelihood
+            from models.flow_matching import dequantized_ode_log_likelihood, ode_density
 
-            settings = {k: v for k, v in self.likelihood_settings.items() if k != "kind"}
-            nats, self._likelihood_record = dequantized_ode_log_likelihood(
-                self.diffusion.probability_flow(model), x, generator, **settings,
-                t0=1.0 / self.diffusion.num_timesteps)
-            return nats
+            settings = {k: v for k, v in self.likelihood_settings.items() if k not in ("kind", "start")}
+            velocity, t0 = self.diffusion.probability_flow(model), 1.0 / self.diffusion.num_timesteps
+            if self.likelihood_settings["start"] == "dequantized":
+                nats, self._likelihood_record = dequantized_ode_log_likelihood(velocity, x, generator, **settings, t0=t0)
+                return nats
+            x0 = x * 2.0 - 1.0
+            n, dims = x.shape[0], self.num_dims
+            t = torch.zeros(n, device=x.device, dtype=torch.long)
+            eps = randn(generator, n, x.shape[1:], x.device).to(x.dtype)
+            latent = self.diffusion.q_sample(x0, t, eps)
+            decoder_bits = self.diffusion.vb_term_bpd(model, x0, latent, t) * dims        # -log2 p(x | x_0)
+            sigma2 = float(1.0 - self.diffusion.alphas_cumprod[0])
+            log_q = -0.5 * eps.flatten(1).pow(2).sum(1) - 0.5 * dims * math.log(2 * math.pi * sigma2)
+            log_p, record = ode_density(velocity, latent, generator, **settings, t0=t0)
+            self._likelihood_record = {**record, "start": "decoder (one x_0 ~ q(x_0 | x) per image)"}
+            return (-decoder_bits.double() * math.log(2.0) + log_p - log_q.double()).to(x.dtype)
         bpd = self.diffusion.bpd(model, x * 2.0 - 1.0, generator)
         return -bpd * self.num_dims * math.log(2.0)
 

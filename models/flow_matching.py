@@ -154,17 +154,26 @@ def dequantized_ode_log_likelihood(velocity: Velocity, x: Tensor, noise: Noise, 
     width in y). The divergence is exact up to ``exact_max_dims`` dimensions, else Hutchinson's
     with one Rademacher probe per image from ``noise``. Also how it was computed."""
     z = dequantize(x, noise) * 2.0 - 1.0
-    dims = x[0].numel()
+    log_p, record = ode_density(velocity, z, noise, rtol, atol, exact_max_dims, t0)
+    return (log_p + x[0].numel() * (math.log(2.0) - math.log(256.0))).to(x.dtype), record
+
+
+def ode_density(velocity: Velocity, z: Tensor, noise: Noise, rtol: float, atol: float, exact_max_dims: int,
+                t0: float = 0.0) -> tuple[Tensor, dict[str, Any]]:
+    """log p_t0(z) in nats by :func:`ode_log_likelihood`: the divergence exact up to
+    ``exact_max_dims`` dimensions, else Hutchinson's with one Rademacher probe per image from
+    ``noise``; and how it was computed (recorded beside bits/dim)."""
+    dims = z[0].numel()
     exact = dims <= int(exact_max_dims)
     probe = None
     if not exact:
-        u = noise.rand(*x.shape[1:]).to(x) if isinstance(noise, SampleNoise) else \
-            torch.rand(x.shape, generator=noise, device=x.device)
-        probe = (u < 0.5).to(x.dtype) * 2.0 - 1.0
+        u = noise.rand(*z.shape[1:]).to(z) if isinstance(noise, SampleNoise) else \
+            torch.rand(z.shape, generator=noise, device=z.device)
+        probe = (u < 0.5).to(z.dtype) * 2.0 - 1.0
     log_p, calls = ode_log_likelihood(velocity, z, float(rtol), float(atol), exact, probe, t0)
     record = {"divergence": "exact" if exact else "hutchinson (1 Rademacher probe)", "rtol": float(rtol),
               "atol": float(atol), "solver": "scipy RK45", "function_calls": calls, "t0": float(t0)}
-    return (log_p + dims * (math.log(2.0) - math.log(256.0))).to(x.dtype), record
+    return log_p, record
 
 
 # ----------------------------------------------------------------------------- the family

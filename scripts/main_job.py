@@ -173,28 +173,60 @@ def sampler_overrides(sampler: dict) -> list[str]:
     return [f"sampler.{k}={'null' if v is None else v}" for k, v in sampler.items()]
 
 
-def fid_vs_nfe(run: Path, out: Path, num_samples: int, extra: list[str], family: str) -> list[dict]:
+def fid_vs_nfe(run: Path, out: Path, num_samples: int, extra: list[str], family: str, seed: int = 0) -> list[dict]:
     """The DDIM paper's Table 1 shape on one checkpoint: each sampler ``family`` declares at each
     of NFE_POINTS (samplers_at_nfe), evaluated with scripts/evaluate.py's evaluate(); written to
-    ``out/fid_vs_nfe/<family>.json``."""
+    ``out/fid_vs_nfe/<family>_seed<seed>.json`` (read back when the job runs again in its folder)."""
     from scripts.evaluate import evaluate
 
+    written = out / "fid_vs_nfe" / f"{family}_seed{seed}.json"
+    expected = [label for _, label, _ in nfe_samplers(family)]
+    if written.is_file():
+        done = json.loads(written.read_text())
+        if [p["label"] for p in done] == [f"{family} {label}" for label in expected] and \
+                all(p["num_samples"] == num_samples for p in done):
+            return done
     points = []
     for curve, label, sampler in nfe_samplers(family):
         slug = label.replace(" @ ", "-").replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
-        cfg = eval_config(run / "checkpoints" / "last.ckpt", out / "fid_vs_nfe" / family / slug,
+        cfg = eval_config(run / "checkpoints" / "last.ckpt", out / "fid_vs_nfe" / family / f"seed{seed}" / slug,
                           [f"evaluation.num_samples={num_samples}", "evaluation.bpd_num_images=0",
                            "evaluation.grid_size=0", *sampler_overrides(sampler)], extra)
         r = evaluate(cfg)
-        points.append({"family": family, "label": f"{family} {label}", "curve": f"{family}: {curve}",
+        points.append({"family": family, "seed": seed, "label": f"{family} {label}", "curve": f"{family}: {curve}",
                        "nfe": r["metrics"]["nfe"], "fid": r["metrics"]["fid"], "sampler": sampler,
                        "extractor": r["feature_extractor"], "num_samples": num_samples,
                        "sec_per_sample": r["metrics"]["sec_per_sample"]})
         print(f"  {family} {label}: NFE {points[-1]['nfe']:.0f}, FID {points[-1]['fid']:.2f} "
               f"[{points[-1]['extractor']}]", flush=True)
-    (out / "fid_vs_nfe").mkdir(parents=True, exist_ok=True)
-    (out / "fid_vs_nfe" / f"{family}.json").write_text(json.dumps(points, indent=2))
+    written.parent.mkdir(parents=True, exist_ok=True)
+    written.write_text(json.dumps(points, indent=2))
     return points
+
+
+def fid_vs_nfe_markdown(points: list[dict]) -> str:
+    """Per family and sampler, FID at each NFE: mean ± 95% Student-t interval over the seeds."""
+    from metrics.intervals import mean_std, t_half_width
+
+    nfes = sorted({p["label"].rsplit(" @ ", 1)[1] for p in points}, key=int)
+    curves = list(dict.fromkeys(p["curve"] for p in points))
+    lines = ["| family: sampler | " + " | ".join(f"FID @ {n} NFE" for n in nfes) + " | seeds |",
+             "|---|" + "---|" * (len(nfes) + 1)]
+    for curve in curves:
+        cells, seeds = [], set()
+        for nfe in nfes:
+            values = [p["fid"] for p in points if p["curve"] == curve and p["label"].endswith(f" @ {nfe}")]
+            seeds |= {p.get("seed") for p in points if p["curve"] == curve}
+            if not values:
+                cells.append("")
+                continue
+            mean, std = mean_std(values)
+            cells.append(f"{mean:.2f} ± {t_half_width(std, len(values)):.2f}" if len(values) > 1 else f"{mean:.2f}")
+        lines.append(f"| {curve} | " + " | ".join(cells) + f" | {len(seeds)} |")
+    extractor = points[0].get("extractor", "") if points else ""
+    lines.append(f"\nFID [{extractor}] of N = {points[0]['num_samples'] if points else 0} samples per point; "
+                 "mean ± 95% Student-t interval over the seeds' checkpoints (NFE as counted: network calls per sample).")
+    return "\n".join(lines) + "\n"
 
 
 def classifier_guided(ddpm_run: Path, classifier_ckpt: Path, out_dir: Path, sampler: dict, num_samples: int,
@@ -391,10 +423,11 @@ def _guided(record) -> bool:
 
 def run_main_job(out: Path, seeds: list[int], families=None, parts: dict[str, str] | None = None,
                  extra: list[str] = (), nfe_samples: int = 128, jobs: int = 2, guidance: bool = True,
-                 sweep_samples: int = SWEEP_SAMPLES, dataset: str = "digits") -> dict:
+                 sweep_samples: int = SWEEP_SAMPLES, dataset: str = "digits", nfe_all_seeds: bool = False) -> dict:
     """``parts``: {part name: experiment per family ("{}" = family), or one shared experiment swept
     over model=... (e.g. "smoke")}; default: the dataset's (DATASETS). ``guidance``: classifier
-    guidance and the sweeps (step 3), where the dataset has them."""
+    guidance and the sweeps (step 3), where the dataset has them. ``nfe_all_seeds``: the FID-against-NFE
+    points of every seed's checkpoint (intervals over seeds), not the first seed's only."""
     if dataset not in DATASETS:
         raise ValueError(f"unknown main-job dataset {dataset!r}; choose one of {sorted(DATASETS)}")
     profile = DATASETS[dataset]
@@ -450,10 +483,12 @@ def run_main_job(out: Path, seeds: list[int], families=None, parts: dict[str, st
                               extra, classifier_ckpt if guidance_kind == "classifier" else None, wandb_group(out),
                               family))
                 labels.append(f"sweep:{family}/{guidance_kind}")
-        uncond0 = seed0(next(iter(parts)), family)
-        if uncond0 is not None and nfe_samples > 0 and cls.samplers_at_nfe(NFE_POINTS[0]):
-            tasks.append((fid_vs_nfe, uncond0, out, nfe_samples, extra, family))
-            labels.append(f"fid_vs_nfe:{family}")
+        for seed in (seeds if nfe_all_seeds else seeds[:1]):
+            uncond = next((Path(r.source) for r in by_part.get(next(iter(parts)), []) if r.ok
+                           and r.results["model"] == family and r.results["seed"] == seed), None)
+            if uncond is not None and nfe_samples > 0 and cls.samplers_at_nfe(NFE_POINTS[0]):
+                tasks.append((fid_vs_nfe, uncond, out, nfe_samples, extra, family, seed))
+                labels.append(f"fid_vs_nfe:{family}:{seed}")
         if conditional and classifier_ckpt is not None and "classifier" in cls.guidance_kinds:
             for r in by_part["conditional"]:
                 if r.ok and r.results["model"] == family:
@@ -478,6 +513,7 @@ def run_main_job(out: Path, seeds: list[int], families=None, parts: dict[str, st
     tables = {name: write_part(name, recs, out, seeds) for name, recs in by_part.items() if recs}
     if summary["fid_vs_nfe"]:
         plot_fid_vs_nfe(summary["fid_vs_nfe"], out / "plots" / "fid_vs_nfe")
+        (out / "fid_vs_nfe.md").write_text(fid_vs_nfe_markdown(summary["fid_vs_nfe"]))
     wall = time.perf_counter() - start
     failed = [r.source for t in tables.values() for r in t["table"].failed]
     summary.update({"wall_seconds": wall, "runs": len(records), "failed": failed,
@@ -632,6 +668,8 @@ def main(argv=None) -> None:
                         f"{' '.join(main_job_families())})")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--nfe-samples", type=int, default=128, help="samples per point of the FID-vs-NFE curve")
+    p.add_argument("--nfe-all-seeds", action="store_true",
+                   help="FID against NFE on every seed's checkpoint (intervals over seeds), not the first seed's only")
     p.add_argument("--jobs", type=int, default=2, help="jobs run side by side (1 thread each)")
     p.add_argument("--sweep-samples", type=int, default=SWEEP_SAMPLES,
                    help="samples per scale and sample set of the guidance sweeps")
@@ -652,7 +690,7 @@ def main(argv=None) -> None:
         / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     parts = None if args.preset is None else {"unconditional": args.preset}
     result = run_main_job(out, args.seeds, args.families, parts, args.overrides, args.nfe_samples, args.jobs,
-                          sweep_samples=args.sweep_samples, dataset=args.dataset)
+                          sweep_samples=args.sweep_samples, dataset=args.dataset, nfe_all_seeds=args.nfe_all_seeds)
     for name, table in result["tables"].items():
         print(f"\n{name}:\n" + to_markdown(table))
     for name, found in result["crossover"].items():
