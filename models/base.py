@@ -128,6 +128,12 @@ class GenerativeModule(TrainedModule):
             register(cls)
 
     @classmethod
+    def likelihood_variants(cls) -> dict[str, dict[str, Any]]:
+        """{label: model-config overrides} of each likelihood estimator the family offers (the
+        likelihood table, scripts/likelihood_table.py); by default its one ``likelihood_kind``."""
+        return {cls.likelihood_kind: {}} if cls.likelihood_kind else {}
+
+    @classmethod
     def samplers_at_nfe(cls, nfe: int) -> dict[str, dict[str, Any]]:
         """{curve name: sampler settings} that each spend ``nfe`` network evaluations per sample
         (the FID-against-NFE curves, the guidance sweeps' sampler); the first is the family's

@@ -160,9 +160,11 @@ def check_stored_targets(path: Path, sections: dict[str, Any]) -> None:
                 "for a family of your own, import its module before loading its checkpoints")
 
 
-def load_module(ckpt_path: str | Path, device: torch.device | str = "cpu"):
+def load_module(ckpt_path: str | Path, device: torch.device | str = "cpu", model_overrides: dict | None = None):
     """(module in eval mode, run config, checkpoint dict) rebuilt from a checkpoint that
     scripts/train.py wrote: the stored run config builds the module, the state dict fills it.
+    ``model_overrides`` ({"likelihood.kind": "ode"}) change settings of the stored model config
+    that leave its weights as they are (an estimator, a batch size); they are checked with it.
     The stored model and datamodule configs may name genbench classes and torch optimizers only
     (:func:`check_stored_targets`)."""
     import hydra
@@ -173,6 +175,15 @@ def load_module(ckpt_path: str | Path, device: torch.device | str = "cpu"):
     run_config = ckpt.get("genbench_config")
     if not run_config or not isinstance(run_config, dict):
         raise CheckpointError(f"{path} carries no genbench run config; it was not written by scripts/train.py")
+    if model_overrides:
+        model = OmegaConf.create(run_config.get("model") or {})
+        for key, value in model_overrides.items():
+            # a new leaf of an existing section (a setting added since the checkpoint was written)
+            where = key.rsplit(".", 1)[0] if "." in key else key
+            if OmegaConf.select(model, where, default=KeyError) is KeyError:
+                raise ValueError(f"{path}: the stored model config has no {where!r} to override")
+            OmegaConf.update(model, key, value)
+        run_config = {**run_config, "model": OmegaConf.to_container(model)}
     check_stored_targets(path, {key: run_config.get(key) for key in ("model", "datamodule")})
     cfg = OmegaConf.create(run_config)
     module = hydra.utils.instantiate(cfg.model)

@@ -58,6 +58,14 @@ class DDPM(NullClassMixin, GenerativeModule):
     guidance_kinds = ("classifier_free", "classifier")
 
     @classmethod
+    def likelihood_variants(cls) -> dict[str, dict[str, Any]]:
+        """The variational bound, and the probability-flow ODE meeting the data dequantized (as the
+        flows) or through the discretized decoder (as the bound): :meth:`log_likelihood`."""
+        return {"elbo": {"likelihood.kind": "elbo"},
+                "ode": {"likelihood.kind": "ode", "likelihood.start": "dequantized"},
+                "ode, decoder start": {"likelihood.kind": "ode", "likelihood.start": "decoder"}}
+
+    @classmethod
     def samplers_at_nfe(cls, nfe: int) -> dict[str, dict[str, Any]]:
         """DDIM (Song et al. 2021a) stochastic and deterministic, DPM-Solver++(2M) (Lu et al. 2022)
         and ancestral sampling on a process respaced to ``nfe`` steps (one network call each)."""
