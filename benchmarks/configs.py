@@ -11,9 +11,6 @@ from models.configs import CONF_DIR, compose
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compose_cfg(overrides: list[str]):
-    return compose("train", overrides)
-
 
 def family_overrides(family: str) -> list[str]:
     """The family on digits: its preset ``experiment=digits_<family>`` where conf/ has one, else its
@@ -25,7 +22,7 @@ def family_overrides(family: str) -> list[str]:
 
 def build(family: str, device: torch.device, batch_size: int, overrides: tuple[str, ...] = ()):
     """(config, set-up datamodule, module on ``device``) of the family on digits (:func:`family_overrides`)."""
-    cfg = compose_cfg([*family_overrides(family), f"datamodule.batch_size={batch_size}", "logger=none",
+    cfg = compose("train", [*family_overrides(family), f"datamodule.batch_size={batch_size}", "logger=none",
                        *overrides])
     dm = hydra.utils.instantiate(cfg.datamodule)
     dm.setup()

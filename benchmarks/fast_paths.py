@@ -11,7 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from benchmarks import training
-from benchmarks.configs import build, compose_cfg, family_overrides
+from benchmarks.configs import build, family_overrides
+from models.configs import compose
 from models.compute import training_flops_per_image as count_training_flops
 
 #: each switch flipped against the default config (name, overrides)
@@ -37,7 +38,7 @@ PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 @functools.lru_cache(maxsize=None)
 def family_config(family: str, overrides: tuple[str, ...] = ()):
-    return compose_cfg([*family_overrides(family), *overrides])
+    return compose("train", [*family_overrides(family), *overrides])
 
 
 def optimizer_keys(family: str, overrides: tuple[str, ...] = ()) -> list[str]:

@@ -17,6 +17,20 @@ SCHEMA_KEYS = ("model", "dataset", "seed", "num_params", "train_steps", "feature
 BPD_KINDS = {"exact": "exact", "dequantized": "dequantized", "elbo": "bound", "ode": "ODE"}
 
 
+def results_record(model: str | None, dataset: str | None, seed: int, metrics: dict[str, float], *,
+                   num_params: int | None = None, train_steps: int | None = None,
+                   feature_extractor: str | None = None, num_samples: int | None = None,
+                   sampler: dict | None = None, likelihood_kind: str | None = None,
+                   details: dict | None = None, status: str = "ok", **extra: Any) -> dict[str, Any]:
+    """The one builder of a results.json record (training runs, checkpoint and sample-set
+    evaluations): the SCHEMA_KEYS every reader relies on, then ``likelihood_kind``, ``details``,
+    ``status`` and whatever else the writer adds (``extra``: compute, config, checkpoint, ...)."""
+    return {"model": model, "dataset": dataset, "seed": int(seed), "num_params": num_params,
+            "train_steps": train_steps, "feature_extractor": feature_extractor, "num_samples": num_samples,
+            "sampler": sampler, "likelihood_kind": likelihood_kind, "metrics": metrics,
+            "details": details or {}, "status": status, **extra}
+
+
 class ResultsWriteError(OSError):
     """The results could not be written; any previous file is left untouched."""
 

@@ -25,7 +25,8 @@ if str(ROOT) not in sys.path:
 
 from metrics.intervals import mean_std, t_half_width  # noqa: E402
 from metrics.results import atomic_write_text, read_results, write_json  # noqa: E402
-from scripts.main_job import compose_config, eval_config, sampler_overrides  # noqa: E402
+from models.configs import compose  # noqa: E402
+from scripts.main_job import eval_config, sampler_overrides  # noqa: E402
 
 LEARNED_VARIANCE = ["model.net.learn_sigma=true", "model.diffusion.variance=learned_range",
                     "model.diffusion.loss=hybrid"]
@@ -134,7 +135,7 @@ def train_variant(preset: str, seed: int, overrides: list[str], run: Path, label
     # a variant may name its own preset ("experiment=..." among its overrides)
     preset = next((o.split("=", 1)[1] for o in overrides if o.startswith("experiment=")), preset)
     overrides = [o for o in overrides if not o.startswith("experiment=")]
-    train(compose_config("train", [f"experiment={preset}", f"seed={seed}", "logger=csv", "callbacks.progress_bar=null",
+    train(compose("train", [f"experiment={preset}", f"seed={seed}", "logger=csv", "callbacks.progress_bar=null",
                                    *overrides], run))
     seconds = time.perf_counter() - started
     print(f"  trained {label}, seed {seed}: {seconds:.0f} s", flush=True)

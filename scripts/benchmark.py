@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.configs import ROOT, compose_cfg
+from benchmarks.configs import ROOT
+from models.configs import compose
 from benchmarks.evaluation import evaluation_passes, fid_vs_sqrtm, inception_throughput, sampler_fid, sampling_costs
 from benchmarks.fast_paths import FAST_PATHS, PEAK_BF16_TFLOPS, fast_path_table
 from benchmarks.memory import PeakMemory
@@ -47,7 +48,7 @@ def run_benchmark(families: list[str], device: torch.device, batch_size: int, ba
     torch.manual_seed(0)
     # digits resized (bilinear) to another resolution, e.g. 32: CIFAR-10's, where the step is the papers' size
     data = (f"datamodule.image_size={image_size}",) if image_size else ()
-    defaults = compose_cfg([])
+    defaults = compose("train", [])
     # the bare loop runs under the allocator genbench's default config sets (the setting is process-wide)
     cpu_malloc_cache = device.type == "cpu" and bool(defaults.callbacks.fast_paths.cpu_malloc_cache) \
         and keep_freed_cpu_memory()

@@ -31,7 +31,7 @@ from metrics.feature_metrics import mean_cov
 from metrics.features import NEEDS_REFERENCE_FEATURES, FeatureMetrics, build_extractor, build_feature_metrics
 from metrics.image_sets import load_image_set, npz_statistics, save_npz
 from metrics.reference import ReferenceStats, load_or_compute_reference, reference_spec
-from metrics.results import RESULTS_FILE, write_json
+from metrics.results import RESULTS_FILE, results_record, write_json
 from models.checkpoints import load_module
 
 log = logging.getLogger(__name__)
@@ -76,14 +76,12 @@ def _evaluate_checkpoint_worker(rank: int, world: int, port: int, cfg: DictConfi
             labels = None if kept[order[0]][1] is None else torch.tensor([kept[i][1] for i in order])
             n, c, h, w = images.shape
             save_npz(Path(cfg.paths.output_dir) / f"samples_{n}x{h}x{w}x{c}.npz", images, labels)
-        summary = {
-            "model": model.family, "dataset": datamodule.name, "seed": int(run_cfg.seed),
-            "num_params": model.num_params, "train_steps": step,
-            "feature_extractor": result.feature_extractor, "num_samples": result.num_samples,
-            "sampler": result.sampler, "likelihood_kind": model.likelihood_kind, "metrics": result.metrics,
-            "details": result.details, "checkpoint": str(cfg.ckpt_path), "world_size": world, "status": "ok",
-            "config": OmegaConf.to_container(run_cfg, resolve=True),   # what the table's row keys read
-        }
+        summary = results_record(
+            model.family, datamodule.name, int(run_cfg.seed), result.metrics, num_params=model.num_params,
+            train_steps=step, feature_extractor=result.feature_extractor, num_samples=result.num_samples,
+            sampler=result.sampler, likelihood_kind=model.likelihood_kind, details=result.details,
+            checkpoint=str(cfg.ckpt_path), world_size=world,
+            config=OmegaConf.to_container(run_cfg, resolve=True))   # what the table's row keys read
         if rank == 0 and out is not None:
             out.update(summary)
             out["_grid"] = result.grid
@@ -194,9 +192,8 @@ def evaluate_sample_sets(cfg: DictConfig) -> dict[str, Any]:
     metrics.update_features({k: v.to(device) if v is not None else None for k, v in gen.items()},
                             range(samples.shape[0]))   # the features above, not a second pass
     values, details = metrics.compute(samples.shape[0])
-    summary = {"model": None, "dataset": str(ref_source), "seed": int(ev.seed), "num_params": None, "train_steps": None,
-               "feature_extractor": name, "num_samples": int(samples.shape[0]), "sampler": None,
-               "metrics": values, "details": details, "samples": str(cfg.samples), "status": "ok"}
+    summary = results_record(None, str(ref_source), int(ev.seed), values, feature_extractor=name,
+                             num_samples=int(samples.shape[0]), details=details, samples=str(cfg.samples))
     if cfg.get("save_features"):
         out_dir = Path(cfg.paths.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

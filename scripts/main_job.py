@@ -39,6 +39,7 @@ from metrics.curves import compute_curves, crossover, crossover_text
 from metrics.plots import (final_grid, plot_fid_vs_compute, plot_fid_vs_nfe, plot_fid_vs_step, plot_precision_recall,
                            plot_sample_grids)
 from metrics.report import build_table, collect_local, sampler_text, to_markdown, write_table
+from models.configs import compose
 from scripts.overview import clock, watch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +143,6 @@ def prepare_caches(extractors: list[str], overrides: list[str]) -> None:
     import hydra
 
     from metrics.features import build_feature_metrics
-    from models.configs import compose
 
     cfg = compose("train", [o for o in overrides if o.startswith(("paths.", "datamodule", "evaluation"))], Path("unused"))
     datamodule = hydra.utils.instantiate(cfg.datamodule)
@@ -152,18 +152,12 @@ def prepare_caches(extractors: list[str], overrides: list[str]) -> None:
                               cfg.evaluation.reference.num_images, "auto", "cpu")
 
 
-def compose_config(config_name: str, overrides: list[str], out_dir: Path):
-    """The config ``scripts/<config_name>.py <overrides>`` would see, writing to ``out_dir``."""
-    from models.configs import compose
-
-    return compose(config_name, overrides, out_dir)
-
 
 def eval_config(ckpt: Path, out_dir: Path, overrides: list[str], extra: list[str], config_name: str = "eval",
                 group: str | None = None):
     """scripts/evaluate.py's config for ``ckpt`` (plus the main job's paths and reference); with
     ``group``, the evaluation is also a W&B run of that group (the dashboard's guidance panels)."""
-    return compose_config(config_name, [
+    return compose(config_name, [
         f"ckpt_path={ckpt}", *overrides, *[o for o in extra if o.startswith(("paths.", "evaluation.reference"))],
         *([f"wandb.enabled={not any(o == 'logger=csv' or o == 'logger=none' for o in extra)}",
            f"wandb.group={group}"] if group else [])], out_dir)
@@ -319,7 +313,7 @@ def cached_noisy_classifier(out: Path, extra: list[str]) -> Path:
 
     overrides = [f"experiment={CLASSIFIER_PRESET}", *[o for o in extra if o.startswith(CLASSIFIER_OVERRIDES)]]
     # the key is composed with a fixed run dir: where a job writes is no part of what is trained
-    cfg = compose_config("train", overrides, Path("run"))
+    cfg = compose("train", overrides, Path("run"))
     spec = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "datamodule", "trainer")}
     spec["seed"] = int(cfg.seed)
     spec["datamodule"].pop("data_dir", None)

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from metrics.callback import EvaluationCallback
 from metrics.report import run_filter_keys
-from metrics.results import RESULTS_FILE, write_json
+from metrics.results import RESULTS_FILE, results_record, write_json
 from models.checkpoints import CheckpointError, StreamingCheckpointIO, check_checkpoint  # noqa: F401  (re-exported)
 from models.compute import COMPUTE_FILE, ComputeTracker
 from models.budget import BudgetStop, check_budget_settings, plan_budget
@@ -116,24 +116,19 @@ def run_summary(cfg: DictConfig, model, trainer: pl.Trainer | None, evaluation: 
     if final is not None:
         metrics.update(final["metrics"])
     steps = int(trainer.global_step) if trainer is not None else 0
-    return {
-        "model": getattr(model, "family", type(model).__name__.lower()) if model is not None else cfg.model.get("_target_"),
-        "dataset": cfg.datamodule.get("name"),
-        "seed": int(cfg.seed),
-        "num_params": int(model.num_params) if model is not None else None,
+    return results_record(
+        getattr(model, "family", type(model).__name__.lower()) if model is not None else cfg.model.get("_target_"),
+        cfg.datamodule.get("name"), int(cfg.seed), metrics,
+        num_params=int(model.num_params) if model is not None else None,
         # with ddp_spawn the parent's trainer never stepped: the final evaluation knows the step
-        "train_steps": max(steps, int(final["step"])) if final is not None else steps,
-        "feature_extractor": final["feature_extractor"] if final is not None else None,
-        "num_samples": final["num_samples"] if final is not None else None,
-        "sampler": final["sampler"] if final is not None else None,
-        "likelihood_kind": getattr(model, "likelihood_kind", None),
+        train_steps=max(steps, int(final["step"])) if final is not None else steps,
+        feature_extractor=final["feature_extractor"] if final is not None else None,
+        num_samples=final["num_samples"] if final is not None else None,
+        sampler=final["sampler"] if final is not None else None,
+        likelihood_kind=getattr(model, "likelihood_kind", None),
+        details=final["details"] if final is not None else {},
         **(compute.record(cfg.paths.output_dir) if compute is not None else {}),
-        "metrics": metrics,
-        "details": final["details"] if final is not None else {},
-        "tags": list(cfg.get("tags") or []),
-        "task_name": cfg.get("task_name"),
-        "config": _container(cfg),
-    }
+        tags=list(cfg.get("tags") or []), task_name=cfg.get("task_name"), config=_container(cfg))
 
 
 def _container(cfg: DictConfig) -> dict:

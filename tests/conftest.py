@@ -6,18 +6,12 @@ from pathlib import Path
 
 import pytest
 from models.configs import CONF_DIR, compose  # noqa: F401  (CONF_DIR: for the tests)
-from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-
-def compose_train(overrides: list[str], output_dir: Path | None = None, config_name: str = "train",
-                  keep_hydra: bool = False) -> DictConfig:
-    """The config `python scripts/train.py <overrides>` would see, with the run dir at output_dir."""
-    return compose(config_name, overrides, output_dir, keep_hydra)
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +34,7 @@ def smoke_checkpoint(tmp_path_factory, shared_cache) -> Path:
     from scripts.train import train
 
     out = tmp_path_factory.mktemp("smoke_run")
-    cfg = compose_train(["experiment=smoke", "logger=csv", "callbacks.progress_bar=null",
+    cfg = compose("train", ["experiment=smoke", "logger=csv", "callbacks.progress_bar=null",
                          "evaluation.final_extractors=[]", f"paths.cache_dir={shared_cache}"], out)
     train(cfg)
     return out / "checkpoints" / "last.ckpt"

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import compose_train
+from models.configs import compose
 from models.components.unet import AttnBlock, EncoderClassifier, ResBlock, UNet
 from models.diffusion import GaussianDiffusion
 
@@ -29,7 +29,7 @@ RELEASED_COUNTS = {
 
 @pytest.mark.parametrize("preset", sorted(RELEASED_COUNTS))
 def test_paper_presets_have_the_released_models_parameter_counts(preset, tmp_path):
-    cfg = compose_train([f"experiment={preset}", "logger=csv"], tmp_path)
+    cfg = compose("train", [f"experiment={preset}", "logger=csv"], tmp_path)
     with torch.device("meta"):      # shapes only: no 554M-parameter allocation
         net = hydra.utils.instantiate(cfg.model.net)
     assert sum(p.numel() for p in net.parameters()) == RELEASED_COUNTS[preset]
@@ -38,11 +38,11 @@ def test_paper_presets_have_the_released_models_parameter_counts(preset, tmp_pat
 def test_adm_and_iddpm_presets_train_what_their_papers_train(tmp_path):
     for preset, schedule, steps in [("adm_imagenet64_cond", "cosine", 1000), ("adm_imagenet128_cond", "linear", 1000),
                                     ("iddpm_cifar10", "cosine", 4000)]:
-        cfg = compose_train([f"experiment={preset}", "logger=csv"], tmp_path)
+        cfg = compose("train", [f"experiment={preset}", "logger=csv"], tmp_path)
         d = cfg.model.diffusion
         assert (d.schedule, d.num_timesteps, d.variance, d.loss) == (schedule, steps, "learned_range", "hybrid")
         assert cfg.model.net.learn_sigma and cfg.model.net.use_scale_shift_norm
-    cfg = compose_train(["experiment=adm_classifier_imagenet64", "logger=csv"], tmp_path)
+    cfg = compose("train", ["experiment=adm_classifier_imagenet64", "logger=csv"], tmp_path)
     assert cfg.model.diffusion.schedule == "cosine"      # the process of the 64x64 DDPM it guides
 
 
@@ -223,7 +223,7 @@ def test_every_ablation_variant_composes_and_the_architecture_pair_has_about_equ
     counts = {}
     for name, spec in ABLATIONS.items():
         for variant, overrides in spec["variants"].items():
-            cfg = compose_train([f"experiment={spec.get('preset', 'digits_ddpm')}", "logger=csv",
+            cfg = compose("train", [f"experiment={spec.get('preset', 'digits_ddpm')}", "logger=csv",
                                  *spec.get("train_evaluation", TRAIN_EVALUATION), *overrides], tmp_path)
             model = hydra.utils.instantiate(cfg.model)
             counts[(name, variant)] = sum(p.numel() for p in model.net.parameters())

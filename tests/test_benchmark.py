@@ -123,7 +123,7 @@ def test_every_fast_path_switch_composes_for_every_family(family):
 
     from omegaconf import OmegaConf
 
-    from benchmarks.configs import compose_cfg
+    from models.configs import compose
     from benchmarks.fast_paths import FAST_PATHS, applicable_switches, switch_overrides
 
     names = applicable_switches(family, list(FAST_PATHS))
@@ -132,12 +132,12 @@ def test_every_fast_path_switch_composes_for_every_family(family):
     assert set(FAST_PATHS) - set(names) == (set() if keeps_ema else {ema})
     for name in names:
         overrides = switch_overrides(family, name)
-        cfg = compose_cfg([f"experiment=digits_{family}", *overrides])
+        cfg = compose("train", [f"experiment=digits_{family}", *overrides])
         for override in overrides:
             key, value = override.split("=", 1)
             assert str(OmegaConf.select(cfg, key)).lower() == value.lower(), (name, override)
     if family == "gan":
-        cfg = compose_cfg(["experiment=digits_gan", *switch_overrides("gan", "fused Adam")])
+        cfg = compose("train", ["experiment=digits_gan", *switch_overrides("gan", "fused Adam")])
         assert cfg.model.d_optimizer.fused is True
 
 

@@ -9,7 +9,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from conftest import compose_train
+from models.configs import compose
 
 
 class InterruptAt(pl.Callback):
@@ -44,7 +44,7 @@ def test_bad_budget_settings_are_refused_before_any_work(tmp_path, smoke_overrid
     overrides = [*smoke_overrides, f"budget.train_flops={'null' if train_flops is None else train_flops}",
                  f"budget.milestones=[{','.join(map(str, milestones))}]"]
     with pytest.raises(BudgetError, match=message):
-        train(compose_train(overrides, tmp_path))
+        train(compose("train", overrides, tmp_path))
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -60,7 +60,7 @@ def test_a_changed_width_or_batch_size_still_spends_the_budget_to_within_one_ste
     budget = 2e10
     for i, variant in enumerate(variants):
         out = tmp_path / str(i)
-        train(compose_train([*smoke_overrides, f"model={family}", f"budget.train_flops={budget}",
+        train(compose("train", [*smoke_overrides, f"model={family}", f"budget.train_flops={budget}",
                              "evaluation.num_samples=8", "evaluation.bpd_num_images=0", "trainer.max_steps=5",
                              *variant], out))
         results = json.loads((out / "results.json").read_text())
@@ -80,7 +80,7 @@ def test_each_milestone_is_evaluated_once_also_across_a_resume(tmp_path, smoke_o
     overrides = [*smoke_overrides, "model.net.base_channels=16", "model.net.norm_groups=16",
                  "datamodule.batch_size=16", "evaluation.num_samples=8", "evaluation.bpd_num_images=0",
                  "callbacks.model_checkpoint.every_n_train_steps=1", "budget.milestones=[0.25,0.5,0.75]"]
-    cfg = compose_train([*overrides, "budget.train_flops=1"], tmp_path / "probe")
+    cfg = compose("train", [*overrides, "budget.train_flops=1"], tmp_path / "probe")
     import hydra
     model = hydra.utils.instantiate(cfg.model)
     dm = hydra.utils.instantiate(cfg.datamodule)
@@ -95,10 +95,10 @@ def test_each_milestone_is_evaluated_once_also_across_a_resume(tmp_path, smoke_o
                         lambda group: real_instantiate_group(group) + ([InterruptAt(4)] if group is not None
                                                                        and "model_checkpoint" in group else []))
     with pytest.raises(RuntimeError, match="interrupted at batch 4"):
-        train_script.train(compose_train([*overrides, f"budget.train_flops={budget}"], out))
+        train_script.train(compose("train", [*overrides, f"budget.train_flops={budget}"], out))
     monkeypatch.setattr(train_script, "instantiate_group", real_instantiate_group)
     assert (out / "checkpoints" / "last.ckpt").is_file()
-    train_script.train(compose_train([*overrides, f"budget.train_flops={budget}"], out))   # resumes from batch 3
+    train_script.train(compose("train", [*overrides, f"budget.train_flops={budget}"], out))   # resumes from batch 3
     history = [json.loads(line) for line in (out / "eval_history.jsonl").read_text().splitlines()]
     milestones = [h["milestone_batch"] for h in history if h.get("milestone_batch") is not None]
     assert milestones == [2, 4, 6], history                       # each once, in order

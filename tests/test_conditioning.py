@@ -17,7 +17,7 @@ from models.ddpm import DDPM
 from models.diffusion import GaussianDiffusion
 from models.noise import SampleNoise, sample_labels
 from models.noisy_classifier import NoisyClassifier
-from conftest import compose_train
+from models.configs import compose
 
 NUM_CLASSES = 3
 
@@ -179,7 +179,7 @@ def test_conditional_samples_do_not_depend_on_batch_size(family, tmp_path):
     import hydra
     from metrics.evaluation import Evaluator
 
-    cfg = compose_train([f"model={family}", "model.num_classes=10", "model.sample_batch_size=5",
+    cfg = compose("train", [f"model={family}", "model.num_classes=10", "model.sample_batch_size=5",
                          "model.sampler.steps=4" if family == "ddpm" else "seed=0"], tmp_path)
     model = hydra.utils.instantiate(cfg.model).eval()
     torch.manual_seed(0)
@@ -249,7 +249,7 @@ def test_conditional_flow_density_integrates_to_one():
     perturbed weights: the conditional density is normalised for every class."""
     import hydra
 
-    cfg = compose_train(["model=realnvp", "model.num_classes=2", "datamodule.image_size=2",
+    cfg = compose("train", ["model=realnvp", "model.num_classes=2", "datamodule.image_size=2",
                          "model.flow.num_scales=1", "model.flow.features=8"])
     model = hydra.utils.instantiate(cfg.model).eval().double()
     torch.manual_seed(0)
@@ -275,7 +275,7 @@ def test_conditional_bounds_use_the_labels(tmp_path):
 
     x, y = torch.rand(4, 1, 8, 8).mul(255).round().div(255), torch.tensor([0, 1, 2, 3])
     for family in ("vae", "realnvp"):
-        model = hydra.utils.instantiate(compose_train([f"model={family}", "model.num_classes=10"]).model).eval()
+        model = hydra.utils.instantiate(compose("train", [f"model={family}", "model.num_classes=10"]).model).eval()
         if family == "realnvp":
             with torch.no_grad():
                 model.base_mean[1].fill_(3.0)
@@ -324,7 +324,7 @@ def test_conditional_model_on_unlabelled_or_mismatched_data_is_refused_before_tr
 
     for overrides, match in ((["datamodule.num_classes=0"], "unlabelled.*num_classes=0"),
                              (["model.num_classes=5"], "num_classes=5.*num_classes=10")):
-        cfg = compose_train(["experiment=smoke", "model=gan", "model.num_classes=${datamodule.num_classes}",
+        cfg = compose("train", ["experiment=smoke", "model=gan", "model.num_classes=${datamodule.num_classes}",
                              "logger=csv", *overrides], tmp_path / match[:5])
         with pytest.raises(ValueError, match=match):
             train(cfg)
@@ -379,10 +379,10 @@ def guided_checkpoints(tmp_path_factory, shared_cache):
     out = tmp_path_factory.mktemp("guided")
     common = ["logger=csv", "callbacks.progress_bar=null", f"paths.cache_dir={shared_cache}"]
     # the classifier preset follows the digits DDPMs' cosine schedule; a guided DDPM of another one is refused
-    train(compose_train(["experiment=smoke", "model.num_classes=${datamodule.num_classes}", "model.label_dropout=0.2",
+    train(compose("train", ["experiment=smoke", "model.num_classes=${datamodule.num_classes}", "model.label_dropout=0.2",
                          "model.diffusion.schedule=cosine", "evaluation.final_extractors=[]", "evaluation.final_sampler={name: ddim, steps: 5, "
                          "guidance_scale: 1.0}", *common], out / "ddpm"))
-    train(compose_train(["experiment=digits_noisy_classifier", "trainer.max_steps=12", "trainer.check_val_every_n_epoch=1",
+    train(compose("train", ["experiment=digits_noisy_classifier", "trainer.max_steps=12", "trainer.check_val_every_n_epoch=1",
                          "++trainer.limit_val_batches=1", *common], out / "classifier"))
     return out / "ddpm" / "checkpoints" / "last.ckpt", out / "classifier"
 
@@ -400,7 +400,7 @@ def test_guidance_sweeps_write_tables_plots_and_true_costs(guided_checkpoints, s
     import json
 
     from scripts.guidance_sweep import guidance_sweep
-    from test_evaluate import compose_eval
+    from models.configs import compose
 
     ddpm, classifier_dir = guided_checkpoints
     classifier = classifier_dir / "checkpoints" / "last.ckpt"
@@ -408,7 +408,7 @@ def test_guidance_sweeps_write_tables_plots_and_true_costs(guided_checkpoints, s
               "sampler.name=ddim", "sampler.steps=4", f"paths.cache_dir={shared_cache}", "evaluation.grid_size=0"]
     for guidance, scales, extra in (("classifier_free", "[0,2]", []),
                                     ("classifier", "[0,3]", [f"sampler.classifier_ckpt={classifier}"])):
-        cfg = compose_eval([*common, *extra, f"+guidance={guidance}", f"+scales={scales}"], tmp_path / guidance)
+        cfg = compose("eval", [*common, *extra, f"+guidance={guidance}", f"+scales={scales}"], tmp_path / guidance)
         rows = guidance_sweep(cfg)
         assert [r["scale"] for r in rows] == [0.0, 2.0] if guidance == "classifier_free" else [0.0, 3.0]
         assert {"fid", "fid_ci95", "precision", "recall", "class_acc"} <= set(rows[0])
@@ -425,12 +425,12 @@ def test_guidance_sweeps_write_tables_plots_and_true_costs(guided_checkpoints, s
 def test_conditional_checkpoint_metrics_are_identical_on_one_and_two_processes(guided_checkpoints, shared_cache,
                                                                                tmp_path):
     from scripts.evaluate import evaluate
-    from test_evaluate import compose_eval
+    from models.configs import compose
 
     ddpm, classifier_dir = guided_checkpoints
     results = {}
     for n in (1, 2):
-        results[n] = evaluate(compose_eval([
+        results[n] = evaluate(compose("eval", [
             f"ckpt_path={ddpm}", f"num_processes={n}", "evaluation.num_samples=10", "evaluation.batch_size=3",
             "evaluation.bpd_num_images=2", "sampler.name=ddim", "sampler.steps=4", "sampler.guidance_scale=1.5",
             f"sampler.classifier_ckpt={classifier_dir / 'checkpoints' / 'last.ckpt'}", "sampler.classifier_scale=2",

@@ -16,9 +16,6 @@ from metrics.image_sets import ImageSetError, load_image_set
 from metrics.reference import REAL_IMAGE_PASSES, ReferenceCacheWarning, cache_path, load_or_compute_reference, reference_spec
 
 
-def compose_eval(overrides, output_dir):
-    return compose("eval", overrides, output_dir)
-
 
 class CountingExtractor(torch.nn.Module):
     name, feature_dim, has_logits = "counting", 4, False
@@ -78,7 +75,7 @@ def test_checkpoint_metrics_are_identical_on_one_and_two_processes(smoke_checkpo
 
     results = {}
     for n in (1, 2):
-        cfg = compose_eval([f"ckpt_path={smoke_checkpoint}", f"num_processes={n}", "evaluation.num_samples=24",
+        cfg = compose("eval", [f"ckpt_path={smoke_checkpoint}", f"num_processes={n}", "evaluation.num_samples=24",
                             "evaluation.batch_size=5", "evaluation.bpd_num_images=6", "sampler.name=ddim",
                             "sampler.steps=10", "sampler.eta=1.0", f"paths.cache_dir={shared_cache}"], tmp_path / f"n{n}")
         results[n] = evaluate(cfg)
@@ -106,7 +103,7 @@ def test_sample_sets_from_folder_npz_and_dataset_agree(tmp_path, shared_cache):
     _write_pngs(tmp_path / "folder", nhwc[:150])
     out = {}
     for name, source in [("npz", tmp_path / "samples.npz"), ("folder", tmp_path / "folder")]:
-        cfg = compose_eval([f"samples={source}", "reference=digits:train", "evaluation.extractor=classifier",
+        cfg = compose("eval", [f"samples={source}", "reference=digits:train", "evaluation.extractor=classifier",
                             f"paths.cache_dir={shared_cache}", "save_features=true"], tmp_path / name)
         out[name] = evaluate(cfg)["metrics"]
     assert out["npz"] == pytest.approx(out["folder"])
@@ -146,7 +143,7 @@ def test_channel_mismatch_between_samples_and_reference(tmp_path, shared_cache):
     from scripts.evaluate import evaluate
     np.savez(tmp_path / "rgb.npz", arr_0=np.zeros((10, 8, 8, 3), np.uint8))
     np.savez(tmp_path / "gray.npz", arr_0=np.zeros((10, 8, 8, 1), np.uint8))
-    cfg = compose_eval([f"samples={tmp_path / 'rgb.npz'}", f"reference={tmp_path / 'gray.npz'}",
+    cfg = compose("eval", [f"samples={tmp_path / 'rgb.npz'}", f"reference={tmp_path / 'gray.npz'}",
                         "evaluation.extractor=inception_pool", f"paths.cache_dir={shared_cache}"], tmp_path / "o")
     with pytest.raises(ValueError, match="channel"):
         evaluate(cfg)
@@ -165,14 +162,14 @@ def test_adm_npz_round_trip_gives_the_same_metrics(smoke_checkpoint, shared_cach
     that file as a sample set against the same reference gives the checkpoint evaluation's metrics."""
     from scripts.evaluate import evaluate
 
-    first = evaluate(compose_eval([f"ckpt_path={smoke_checkpoint}", "evaluation.num_samples=40", "evaluation.bpd_num_images=0",
+    first = evaluate(compose("eval", [f"ckpt_path={smoke_checkpoint}", "evaluation.num_samples=40", "evaluation.bpd_num_images=0",
                                    "sampler.name=ddim", "sampler.steps=5", "save_samples=true",
                                    f"paths.cache_dir={shared_cache}"], tmp_path / "ckpt"))
     (npz,) = (tmp_path / "ckpt").glob("samples_*.npz")
     assert npz.name == "samples_40x8x8x1.npz"
     with np.load(npz) as data:
         assert data["arr_0"].dtype == np.uint8 and data["arr_0"].shape == (40, 8, 8, 1) and "arr_1" not in data
-    again = evaluate(compose_eval([f"samples={npz}", "reference=digits:train", "evaluation.extractor=classifier",
+    again = evaluate(compose("eval", [f"samples={npz}", "reference=digits:train", "evaluation.extractor=classifier",
                                    f"paths.cache_dir={shared_cache}"], tmp_path / "npz"))
     for name in ("fid", "kid", "is", "precision", "recall", "density", "coverage"):
         assert again["metrics"][name] == pytest.approx(first["metrics"][name], rel=1e-6, abs=1e-9), name
@@ -196,16 +193,16 @@ def test_precomputed_reference_statistics_are_used_without_reading_the_images(tm
              mu_s=mu_s.numpy(), sigma_s=sigma_s.numpy())
     common = [f"samples={tmp_path / 'samples.npz'}", "evaluation.extractor=inception_pool", "evaluation.metrics=[fid,sfid]",
               f"paths.cache_dir={shared_cache}"]
-    from_images = evaluate(compose_eval([*common, f"reference={tmp_path / 'ref_images.npz'}"], tmp_path / "a"))
-    from_stats = evaluate(compose_eval([*common, f"reference={tmp_path / 'ref_stats.npz'}"], tmp_path / "b"))
+    from_images = evaluate(compose("eval", [*common, f"reference={tmp_path / 'ref_images.npz'}"], tmp_path / "a"))
+    from_stats = evaluate(compose("eval", [*common, f"reference={tmp_path / 'ref_stats.npz'}"], tmp_path / "b"))
     for name in ("fid", "sfid"):
         assert from_stats["metrics"][name] == pytest.approx(from_images["metrics"][name], rel=1e-4), name
     assert from_stats["details"]["reference"]["num_images"] == 40          # from the .npy header alone
     # without mu_s/sigma_s, sFID is refused with the fix; "auto" scores FID only
     np.savez(tmp_path / "ref_pool_only.npz", mu=mu.numpy(), sigma=sigma.numpy())
     with pytest.raises(ValueError, match="no spatial statistics"):
-        evaluate(compose_eval([*common, f"reference={tmp_path / 'ref_pool_only.npz'}"], tmp_path / "c"))
-    auto = evaluate(compose_eval([c for c in common if "metrics" not in c] + [f"reference={tmp_path / 'ref_pool_only.npz'}"],
+        evaluate(compose("eval", [*common, f"reference={tmp_path / 'ref_pool_only.npz'}"], tmp_path / "c"))
+    auto = evaluate(compose("eval", [c for c in common if "metrics" not in c] + [f"reference={tmp_path / 'ref_pool_only.npz'}"],
                                  tmp_path / "d"))
     assert "fid" in auto["metrics"] and "sfid" not in auto["metrics"]
 

@@ -11,7 +11,9 @@ import hydra
 import pytest
 import torch
 
-from conftest import CONF_DIR, ROOT, compose_train
+from conftest import CONF_DIR, ROOT
+
+from models.configs import compose
 from models.components.gan_nets import DCGANDiscriminator, DCGANGenerator, SNGANDiscriminator, SNGANGenerator
 from models.components.realnvp_flow import RealNVPFlow
 
@@ -20,7 +22,7 @@ PRESETS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_experiment_preset_composes_and_instantiates(preset, tmp_path):
-    cfg = compose_train([f"experiment={preset}", "logger=csv"], tmp_path)
+    cfg = compose("train", [f"experiment={preset}", "logger=csv"], tmp_path)
     # the ImageNet-scale presets (up to 554M parameters) are built on the meta device: shapes only
     with torch.device("meta") if preset.startswith(("adm_", "iddpm_")) else contextlib.nullcontext():
         model = hydra.utils.instantiate(cfg.model)
@@ -67,7 +69,7 @@ def test_sngan_standard_cnn_shapes():
                                               ("realnvp", 5, "divisible by 2")])
 def test_unsupported_image_size_is_refused_before_training(model, size, match, tmp_path, smoke_overrides):
     from scripts.train import train
-    cfg = compose_train(smoke_overrides + [f"model={model}", f"datamodule.image_size={size}"], tmp_path)
+    cfg = compose("train", smoke_overrides + [f"model={model}", f"datamodule.image_size={size}"], tmp_path)
     with pytest.raises(Exception, match=match):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()
@@ -75,7 +77,7 @@ def test_unsupported_image_size_is_refused_before_training(model, size, match, t
 
 def test_vae_bernoulli_on_grey_level_data_is_refused(tmp_path, smoke_overrides):
     from scripts.train import train
-    cfg = compose_train(smoke_overrides + ["model=vae", "model.likelihood=bernoulli",
+    cfg = compose("train", smoke_overrides + ["model=vae", "model.likelihood=bernoulli",
                                            "model.decoder.params_per_pixel=1"], tmp_path)
     with pytest.raises(ValueError, match="bernoulli needs binary images"):
         train(cfg)
@@ -113,7 +115,7 @@ def test_realnvp_log_det_equals_autograd_jacobian():
 def test_realnvp_bpd_of_untrained_model_is_near_the_preprocessing_value():
     """An identity flow (fresh: zero-initialised couplings) gives log p from the prior and the
     logit pre-processing only; check it against a direct computation."""
-    cfg = compose_train(["model=realnvp"])
+    cfg = compose("train", ["model=realnvp"])
     model = hydra.utils.instantiate(cfg.model).double()
     x = torch.rand(4, 1, 8, 8, dtype=torch.float64).mul(255).round() / 255
     gen = torch.Generator().manual_seed(0)
@@ -132,7 +134,7 @@ def test_realnvp_bpd_of_untrained_model_is_near_the_preprocessing_value():
 @pytest.fixture(scope="module")
 def trained_vae():
     """A VAE trained a little on digits, so posterior and prior differ (the bound is not trivial)."""
-    cfg = compose_train(["model=vae"])
+    cfg = compose("train", ["model=vae"])
     model = hydra.utils.instantiate(cfg.model)
     from datamodules import ImageDataModule
     dm = ImageDataModule()
@@ -214,7 +216,7 @@ def test_gan_ema_generator_samples_with_batch_norm_statistics_of_its_own_weights
     import pytorch_lightning as pl
     from models.gan import BN_REFRESH_SEED
 
-    cfg = compose_train(["experiment=digits_gan", "datamodule.batch_size=32"])
+    cfg = compose("train", ["experiment=digits_gan", "datamodule.batch_size=32"])
     pl.seed_everything(0)
     model = hydra.utils.instantiate(cfg.model)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -247,7 +249,7 @@ def test_gan_ema_generator_samples_with_batch_norm_statistics_of_its_own_weights
 
 
 def test_realnvp_l2_on_weight_norm_scales_needs_weight_norm(tmp_path):
-    cfg = compose_train(["experiment=digits_realnvp", "model.flow.norm=batch"], tmp_path)
+    cfg = compose("train", ["experiment=digits_realnvp", "model.flow.norm=batch"], tmp_path)
     model = hydra.utils.instantiate(cfg.model)
     with pytest.raises(ValueError, match="scale_l2 penalises weight-normalisation scales"):
         model.configure_optimizers()

@@ -8,14 +8,14 @@ import hydra
 import pytest
 import torch
 
-from conftest import compose_train
+from models.configs import compose
 from models.components.ema import EMA
 from models.fast_paths import FastPaths
 from models.registry import families
 
 
 def _one_step(overrides: list[str], fast: FastPaths | None = None):
-    cfg = compose_train(["experiment=digits_ddpm", *overrides])
+    cfg = compose("train", ["experiment=digits_ddpm", *overrides])
     torch.manual_seed(0)
     model = hydra.utils.instantiate(cfg.model)
     if fast is not None:
@@ -50,7 +50,7 @@ def test_switch_leaves_the_step_unchanged(switch):
 
 
 def test_channels_last_converts_the_convolutions():
-    cfg = compose_train(["experiment=digits_ddpm"])
+    cfg = compose("train", ["experiment=digits_ddpm"])
     model = hydra.utils.instantiate(cfg.model)
     FastPaths(channels_last=True).on_fit_start(None, model)
     convs = [m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -73,7 +73,7 @@ def test_foreach_and_loop_ema_agree():
 
 @pytest.mark.slow
 def test_compiled_network_gives_the_eager_outputs():
-    cfg = compose_train(["experiment=digits_ddpm"])
+    cfg = compose("train", ["experiment=digits_ddpm"])
     model = hydra.utils.instantiate(cfg.model).eval()
     x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999])
     eager = model.net(x, t)
@@ -101,7 +101,7 @@ def test_no_host_sync_between_logging_steps(family, monkeypatch, tmp_path):
     waits for all queued work): not the NaN check, not the logged losses, not the progress bar."""
     import pytorch_lightning as pl
 
-    cfg = compose_train([f"experiment=digits_{family}", "datamodule.batch_size=16", "logger=csv"], tmp_path)
+    cfg = compose("train", [f"experiment=digits_{family}", "datamodule.batch_size=16", "logger=csv"], tmp_path)
     model, dm = hydra.utils.instantiate(cfg.model), hydra.utils.instantiate(cfg.datamodule)
     state = {"hot": False, "batch": -1}
     syncs: list[tuple[int, str]] = []

@@ -134,10 +134,10 @@ def test_guidance_needs_a_null_class():
 
 def test_flow_matching_trains_samples_and_reports_ode_bits_per_dim(tmp_path, smoke_overrides):
     """model=flow_matching through scripts/train.py, class-conditional with classifier-free guidance."""
-    from conftest import compose_train
+    from models.configs import compose
     from scripts.train import train
 
-    cfg = compose_train([*smoke_overrides, "model=flow_matching", "model.num_classes=10", "model.label_dropout=0.1",
+    cfg = compose("train", [*smoke_overrides, "model=flow_matching", "model.num_classes=10", "model.label_dropout=0.1",
                          "model.net.base_channels=16", "model.net.norm_groups=16", "model.sampler.steps=4",
                          "evaluation.final_sampler={name:heun,steps:4,guidance_scale:1.0}",
                          "model.likelihood.rtol=1e-3", "model.likelihood.atol=1e-3"], tmp_path)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import compose_train
+from models.configs import compose
 from metrics.curves import CurvePoint, compute_curves, crossover
 from metrics.plots import (final_grid, plot_fid_vs_compute, plot_fid_vs_nfe, plot_fid_vs_step, plot_precision_recall,
                            plot_sample_grids)
@@ -68,12 +68,12 @@ def test_sampler_settings_are_recorded_only_by_the_family_that_uses_them():
     import hydra
     unguided = {"guidance_scale": 0.0, "classifier_ckpt": None, "classifier_scale": 0.0}   # recorded too
     for model, expected in [("gan", {}), ("ddpm", {"name": "ddim", "steps": 50, "eta": 0.0, **unguided})]:
-        m = hydra.utils.instantiate(compose_train([f"model={model}"]).model)
+        m = hydra.utils.instantiate(compose("train", [f"model={model}"]).model)
         assert m.sampler_kwargs(name="ddim", steps=50, eta=0.0) == expected
 
 
 def test_slurm_launcher_preset_composes_one_task_per_gpu():
-    cfg = compose_train(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2",
+    cfg = compose("train", ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2",
                          "hydra.launcher.partition=gpu"], keep_hydra=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
@@ -97,7 +97,7 @@ def test_main_job_at_smoke_scale(tmp_path, shared_cache):
 @pytest.mark.parametrize("seed,expected", [(0, ["inception_pool"]), (1, [])])
 def test_final_extractors_can_be_limited_to_some_seeds(seed, expected):
     import hydra
-    cfg = compose_train([f"seed={seed}", "evaluation.final_extractors=[inception_pool]",
+    cfg = compose("train", [f"seed={seed}", "evaluation.final_extractors=[inception_pool]",
                          "evaluation.final_extractors_seeds=[0]"], "/tmp/unused")
     callback = hydra.utils.instantiate(cfg.callbacks.evaluation)
     assert callback.final_extractors == expected
@@ -195,8 +195,8 @@ def test_the_noise_aware_classifier_is_trained_on_the_guided_ddpms_process(tmp_p
     job's classifier preset must follow the conditional DDPM's process."""
     from scripts.main_job import CLASSIFIER_PRESET, PARTS, part_overrides
 
-    classifier = compose_train([f"experiment={CLASSIFIER_PRESET}"], tmp_path).model.diffusion
-    ddpm = compose_train(part_overrides(PARTS["conditional"], "ddpm"), tmp_path).model.diffusion
+    classifier = compose("train", [f"experiment={CLASSIFIER_PRESET}"], tmp_path).model.diffusion
+    ddpm = compose("train", part_overrides(PARTS["conditional"], "ddpm"), tmp_path).model.diffusion
     assert (classifier.schedule, classifier.num_timesteps) == (ddpm.schedule, ddpm.num_timesteps)
 
 

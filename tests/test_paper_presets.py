@@ -81,18 +81,18 @@ def run_stage(preset: str, out: Path, stage: str) -> dict:
     checkpoint of ``steps`` after the first batch to the end of the second, without evaluation."""
     import torch
 
-    from conftest import compose_train
+    from models.configs import compose
     from omegaconf import open_dict
     from scripts.train import train
 
     from hydra.utils import get_class
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = compose_train(overrides(preset, out, 2), out)
+    cfg = compose("train", overrides(preset, out, 2), out)
     # two batches: Lightning's step counts every optimizer step (a GAN batch takes a D and a G step)
     per_batch = getattr(get_class(cfg.model._target_), "max_optimizer_steps_per_batch", 1)
     extra = [] if stage == "steps" else [f"ckpt_path={first_checkpoint(out.parent / 'steps')}"]
-    cfg = compose_train([*overrides(preset, out, 2 * per_batch), *extra], out)
+    cfg = compose("train", [*overrides(preset, out, 2 * per_batch), *extra], out)
     with open_dict(cfg):
         if cfg.model.get("sampler") is not None and "steps" in cfg.model.sampler:   # a diffusion sampler:
             for key in ("sampler", "final_sampler"):                               # its own, in 2 steps

@@ -8,7 +8,7 @@ import tempfile
 
 import pytest
 
-from conftest import compose_train
+from models.configs import compose
 from metrics import results as results_module
 from metrics.results import ResultsWriteError, write_json
 from scripts.train import train
@@ -42,7 +42,7 @@ def test_unwritable_folder_is_reported_before_anything_is_written(tmp_path, monk
 
 def test_disk_full_at_the_end_of_a_run_fails_loudly_and_keeps_the_earlier_results(tmp_path, smoke_overrides,
                                                                                   monkeypatch):
-    cfg = compose_train(smoke_overrides + ["model=gan", "trainer.max_steps=4"], tmp_path)
+    cfg = compose("train", smoke_overrides + ["model=gan", "trainer.max_steps=4"], tmp_path)
     train(cfg)
     before = (tmp_path / "results.json").read_text()
 
@@ -53,7 +53,7 @@ def test_disk_full_at_the_end_of_a_run_fails_loudly_and_keeps_the_earlier_result
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_mkstemp(*args, prefix=prefix, **kwargs)
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
-    cfg = compose_train(smoke_overrides + ["model=gan", "trainer.max_steps=8", "ckpt_path=null"], tmp_path)
+    cfg = compose("train", smoke_overrides + ["model=gan", "trainer.max_steps=8", "ckpt_path=null"], tmp_path)
     with pytest.raises(ResultsWriteError, match="No space left on device.*free space"):
         train(cfg)
     assert (tmp_path / "results.json").read_text() == before

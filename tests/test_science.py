@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import stats
 
-from conftest import compose_train
+from models.configs import compose
 from models.components.likelihoods import discretized_gaussian_log_likelihood, discretized_logistic_log_likelihood
 from models.gan import discriminator_loss, generator_loss
 
@@ -54,7 +54,7 @@ def test_n_critic_discriminator_steps_per_generator_step(n_critic, tmp_path):
     6 D updates and 6 / k G updates (counted in the optimizers' own step counters)."""
     import pytorch_lightning as pl
 
-    cfg = compose_train(["experiment=digits_gan", "datamodule.batch_size=32", f"model.n_critic={n_critic}"], tmp_path)
+    cfg = compose("train", ["experiment=digits_gan", "datamodule.batch_size=32", f"model.n_critic={n_critic}"], tmp_path)
     model = hydra.utils.instantiate(cfg.model)
     batches = 6
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -156,7 +156,7 @@ def test_ddpm_bound_monte_carlo_is_unbiased_around_the_closed_form():
 # ----------------------------------------------------------------------------- presets vs papers
 
 def _preset(name, tmp_path):
-    cfg = compose_train([f"experiment={name}", "logger=csv"], tmp_path)
+    cfg = compose("train", [f"experiment={name}", "logger=csv"], tmp_path)
     return cfg, hydra.utils.instantiate(cfg.model)
 
 
@@ -213,7 +213,7 @@ def test_training_compute_is_counted_on_a_copy_and_scales_with_images(tmp_path):
 
     from models.compute import ComputeTracker, training_flops_per_image
 
-    cfg = compose_train(["experiment=digits_gan", "datamodule.batch_size=32"], tmp_path)
+    cfg = compose("train", ["experiment=digits_gan", "datamodule.batch_size=32"], tmp_path)
     model = hydra.utils.instantiate(cfg.model)
     dm = hydra.utils.instantiate(cfg.datamodule)
     dm.setup()
@@ -246,11 +246,11 @@ def test_the_main_jobs_presets_train_every_family_on_the_same_budget(tmp_path):
     from models.compute import training_flops_per_image
     from scripts.main_job import PARTS, main_job_families, part_overrides
 
-    main_budget = compose_train(["budget=main"], tmp_path).budget
+    main_budget = compose("train", ["budget=main"], tmp_path).budget
     BUDGET_FLOPS = main_budget.train_flops
     for part, spec in PARTS.items():
         for family in main_job_families():
-            cfg = compose_train(part_overrides(spec, family), tmp_path)
+            cfg = compose("train", part_overrides(spec, family), tmp_path)
             assert cfg.budget == main_budget, (part, family)
             model, dm = hydra.utils.instantiate(cfg.model), hydra.utils.instantiate(cfg.datamodule)
             dm.setup()

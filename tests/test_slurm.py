@@ -8,7 +8,9 @@ import stat
 import subprocess
 import sys
 
-from conftest import ROOT, compose_train
+from conftest import ROOT
+
+from models.configs import compose
 
 # Runs scripts/train.py with submitit.AutoExecutor replaced by one that records what the
 # launcher asks SLURM for and runs the jobs in this process with the debug executor.
@@ -43,7 +45,7 @@ runpy.run_path("scripts/train.py", run_name="__main__")
 
 
 def test_slurm_preset_composes_with_the_cluster_shape():
-    cfg = compose_train(["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
+    cfg = compose("train", ["hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
                          "hydra.launcher.gpus_per_node=4", "hydra.launcher.partition=gpu"], keep_hydra=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")

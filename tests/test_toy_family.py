@@ -7,7 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ROOT, compose_train
+from conftest import ROOT
+
+from models.configs import compose
 
 SEARCH_PATH = f"hydra.searchpath=[file://{ROOT / 'tests' / 'conf'}]"
 
@@ -37,7 +39,7 @@ def test_a_toy_family_goes_through_every_stage_without_editing_a_list(toy_regist
             f"paths.cache_dir={shared_cache}", "evaluation.final_extractors=[]", "evaluation.every_n_steps=0",
             "evaluation.num_samples=64", "evaluation.bpd_num_images=16", "evaluation.grid_size=16",
             "datamodule.batch_size=32"]
-    train(compose_train([*base, "trainer.max_steps=40"], tmp_path / "run"))
+    train(compose("train", [*base, "trainer.max_steps=40"], tmp_path / "run"))
     trained = read_results(tmp_path / "run" / "results.json")
     assert trained["status"] == "ok" and trained["model"] == "toy_gaussian" and trained["train_steps"] == 40
     # the compute count: forward W 1 (2 FLOPs per output) and its weight gradient (2 more), per dimension
@@ -46,10 +48,10 @@ def test_a_toy_family_goes_through_every_stage_without_editing_a_list(toy_regist
     assert trained["train_flops"] == pytest.approx(4 * dims * 40 * 32)
     assert trained["likelihood_kind"] == "dequantized" and 0 < trained["metrics"]["bpd"] < 20   # plumbing, not learning
 
-    evaluated = evaluate(compose_train([SEARCH_PATH, f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+    evaluated = evaluate(compose("eval", [SEARCH_PATH, f"ckpt_path={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
                                         f"paths.cache_dir={shared_cache}", "evaluation.num_samples=64",
                                         "evaluation.bpd_num_images=16", "evaluation.final_extractors=[]"],
-                                       tmp_path / "eval", config_name="eval"))
+                                       tmp_path / "eval"))
     assert evaluated["model"] == "toy_gaussian" and evaluated["metrics"]["nfe"] == 1.0
 
     table = build_table(collect_local([tmp_path / "run"]))

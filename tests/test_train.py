@@ -10,7 +10,9 @@ import pytest
 import torch
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from conftest import ROOT, compose_train
+from conftest import ROOT
+
+from models.configs import compose
 from metrics.results import SCHEMA_KEYS
 from scripts.train import CheckpointError, train
 
@@ -58,23 +60,23 @@ def test_cli_smoke_ddpm_writes_results_and_a_syncable_offline_wandb_run(tmp_path
                                              ("logger=tensorboard", "wandb")])
 def test_unknown_group_option_lists_the_available_choices(override, choice):
     with pytest.raises((MissingConfigException, ConfigCompositionException), match=rf"(?s)Available options.*{choice}"):
-        compose_train([override])
+        compose("train", [override])
 
 
 def test_unknown_key_is_refused():
     with pytest.raises(ConfigCompositionException, match="learning_rate"):
-        compose_train(["model.learning_rate=0.1"])
+        compose("train", ["model.learning_rate=0.1"])
 
 
 def test_unsupported_image_size_fails_before_training(tmp_path, smoke_overrides):
-    cfg = compose_train(smoke_overrides + ["datamodule.image_size=9"], tmp_path)
+    cfg = compose("train", smoke_overrides + ["datamodule.image_size=9"], tmp_path)
     with pytest.raises(Exception, match=r"image_size must be a multiple of 2.*Supported sizes"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()
 
 
 def test_missing_dataset_offline_names_the_folder(tmp_path, smoke_overrides):
-    cfg = compose_train(smoke_overrides + ["datamodule=mnist", "datamodule.download=false"], tmp_path)
+    cfg = compose("train", smoke_overrides + ["datamodule=mnist", "datamodule.download=false"], tmp_path)
     with pytest.raises(Exception, match=r"MNIST/raw"):
         train(cfg)
 
@@ -94,7 +96,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
 
     monkeypatch.setattr(GaussianDiffusion, "training_loss", poisoned)
     # without the compute count, whose FLOP probe would be one more (copied) call of the loss
-    cfg = compose_train([*smoke_overrides, "callbacks.compute=null"], tmp_path)
+    cfg = compose("train", [*smoke_overrides, "callbacks.compute=null"], tmp_path)
     with pytest.raises(FloatingPointError, match=r"non-finite training loss at step 25.*last good checkpoint"):
         train(cfg)
     good = tmp_path / "checkpoints" / "step0000020.ckpt"
@@ -108,7 +110,7 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
 def test_corrupt_checkpoint_is_refused_with_the_fix(tmp_path, smoke_overrides):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"PK\x03\x04 truncated")
-    cfg = compose_train(smoke_overrides, tmp_path)
+    cfg = compose("train", smoke_overrides, tmp_path)
     with pytest.raises(CheckpointError, match="corrupt.*ckpt_path=null"):
         train(cfg)
 
@@ -134,7 +136,7 @@ def test_a_failing_job_does_not_stop_the_multirun_and_is_listed(tmp_path, shared
 
 def test_a_failed_rerun_keeps_the_previous_results(tmp_path, smoke_overrides):
     (tmp_path / "results.json").write_text(json.dumps({"status": "ok", "metrics": {"fid": 1.0}}))
-    cfg = compose_train(smoke_overrides + ["datamodule.image_size=9"], tmp_path)
+    cfg = compose("train", smoke_overrides + ["datamodule.image_size=9"], tmp_path)
     with pytest.raises(Exception):
         train(cfg)
     assert json.loads((tmp_path / "results.previous.json").read_text())["metrics"] == {"fid": 1.0}
@@ -192,5 +194,5 @@ def test_a_wrongly_typed_optimizer_value_is_refused_before_any_work(tmp_path, sm
     from scripts.train import train
 
     with pytest.raises(ConfigValueError, match=message):
-        train(compose_train([*smoke_overrides, override], tmp_path))
+        train(compose("train", [*smoke_overrides, override], tmp_path))
     assert not (tmp_path / "checkpoints").exists()

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_train
+from models.configs import compose
 
 
 class Payload:
@@ -33,9 +33,6 @@ def crafted_checkpoint(path: Path, marker: Path, base: dict | None = None) -> Pa
     return path
 
 
-def compose_eval(overrides, output_dir, config_name="eval"):
-    return compose_train(overrides, output_dir, config_name=config_name)
-
 
 @pytest.fixture
 def marker(tmp_path) -> Path:
@@ -55,11 +52,11 @@ def test_training_resume_refuses_a_crafted_checkpoint(tmp_path, marker, smoke_ov
 
     ckpt = crafted_checkpoint(tmp_path / "other" / "last.ckpt", marker)
     with pytest.raises(UnsafeFileError, match=r"last.ckpt was refused: loading it would execute code"):
-        train(compose_train([*smoke_overrides, f"ckpt_path={ckpt}"], tmp_path / "run"))
+        train(compose("train", [*smoke_overrides, f"ckpt_path={ckpt}"], tmp_path / "run"))
     # the automatic resume from the run dir's own last.ckpt (a requeued job) too
     crafted_checkpoint(tmp_path / "run2" / "checkpoints" / "last.ckpt", marker)
     with pytest.raises(UnsafeFileError):
-        train(compose_train(smoke_overrides, tmp_path / "run2"))
+        train(compose("train", smoke_overrides, tmp_path / "run2"))
     assert not marker.exists()
 
 
@@ -70,7 +67,7 @@ def test_lightnings_own_resume_path_loads_weights_only(tmp_path, marker, smoke_o
     monkeypatch.setattr(train_script, "check_checkpoint", lambda path: path)
     ckpt = crafted_checkpoint(tmp_path / "other" / "last.ckpt", marker)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
-        train_script.train(compose_train([*smoke_overrides, f"ckpt_path={ckpt}"], tmp_path / "run"))
+        train_script.train(compose("train", [*smoke_overrides, f"ckpt_path={ckpt}"], tmp_path / "run"))
     assert not marker.exists()
 
 
@@ -81,10 +78,10 @@ def test_evaluate_and_the_guidance_sweep_refuse_a_crafted_checkpoint(tmp_path, m
 
     ckpt = crafted_checkpoint(tmp_path / "x.ckpt", marker)
     with pytest.raises(UnsafeFileError, match="x.ckpt was refused"):
-        evaluate(compose_eval([f"ckpt_path={ckpt}", f"paths.cache_dir={shared_cache}"], tmp_path / "eval"))
+        evaluate(compose("eval", [f"ckpt_path={ckpt}", f"paths.cache_dir={shared_cache}"], tmp_path / "eval"))
     with pytest.raises(UnsafeFileError, match="x.ckpt was refused"):
-        guidance_sweep(compose_eval([f"ckpt_path={ckpt}", f"paths.cache_dir={shared_cache}", "scales=[0,1]"],
-                                    tmp_path / "sweep", config_name="guidance_sweep"))
+        guidance_sweep(compose("guidance_sweep", [f"ckpt_path={ckpt}", f"paths.cache_dir={shared_cache}",
+                                                  "scales=[0,1]"], tmp_path / "sweep"))
     assert not marker.exists()
 
 
@@ -118,7 +115,7 @@ def test_a_stored_config_naming_foreign_code_is_refused(tmp_path, smoke_checkpoi
         with pytest.raises(UnsafeFileError, match=rf"would instantiate '{target}' \(at {where}\)"):
             load_module(path)
     with pytest.raises(UnsafeFileError):
-        evaluate(compose_eval([f"ckpt_path={tmp_path / 'model.ckpt'}"], tmp_path / "eval"))
+        evaluate(compose("eval", [f"ckpt_path={tmp_path / 'model.ckpt'}"], tmp_path / "eval"))
 
 
 def test_a_crafted_classifier_cache_entry_is_refused_and_rebuilt_with_a_warning(tmp_path, marker):
@@ -180,7 +177,7 @@ def test_genbench_checkpoints_of_every_family_load_weights_only(tmp_path, smoke_
 
     for family in families():
         out = tmp_path / family
-        train(compose_train([*smoke_overrides, f"model={family}", "trainer.max_steps=2",
+        train(compose("train", [*smoke_overrides, f"model={family}", "trainer.max_steps=2",
                              "evaluation.num_samples=8", "evaluation.bpd_num_images=0"], out))
         model, _, ckpt = load_module(out / "checkpoints" / "last.ckpt")
         assert model.family == family and ckpt["global_step"] >= 2

@@ -163,7 +163,7 @@ def test_training_run_carries_group_job_type_and_flat_config(tmp_path, shared_ca
     import wandb
 
     from scripts.train import train
-    from conftest import compose_train
+    from models.configs import compose
 
     runs = []
     real_init = wandb.init
@@ -173,7 +173,7 @@ def test_training_run_carries_group_job_type_and_flat_config(tmp_path, shared_ca
         return runs[-1][1]
 
     monkeypatch.setattr(wandb, "init", init)
-    cfg = compose_train(["experiment=smoke", "model=vae", "callbacks.progress_bar=null", "evaluation.final_extractors=[]",
+    cfg = compose("train", ["experiment=smoke", "model=vae", "callbacks.progress_bar=null", "evaluation.final_extractors=[]",
                          f"paths.cache_dir={shared_cache}", "logger.wandb.group=sweep-7", "~logger.csv"], tmp_path)
     train(cfg)
     (kwargs, run), = runs
