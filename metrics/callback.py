@@ -64,6 +64,18 @@ class EvaluationCallback(pl.Callback):
         self._last_step = -1
         self._next_due = self.every_n_steps
 
+    @classmethod
+    def from_settings(cls, settings: dict[str, Any], run_seed: int, output_dir: str, cache_dir: str,
+                      **kwargs) -> "EvaluationCallback":
+        """The callback of a run from the ``evaluation`` config group (conf/evaluation/) as it is:
+        its keys are this class's arguments, and ``final_extractors_seeds`` (null = every seed)
+        keeps the final extractors to runs of those seeds."""
+        settings = dict(settings)
+        seeds = settings.pop("final_extractors_seeds", None)
+        if seeds is not None and int(run_seed) not in [int(s) for s in seeds]:
+            settings["final_extractors"] = []
+        return cls(**settings, output_dir=output_dir, cache_dir=cache_dir, **kwargs)
+
     def state_dict(self) -> dict[str, Any]:
         return {"eval_seconds": self.eval_seconds, "last_step": self._last_step, "next_due": self._next_due,
                 "milestones_done": sorted(self._milestones_done)}
