@@ -2,7 +2,10 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
+from models.registry import families
 
 
 def run_fresh(code: str) -> subprocess.CompletedProcess:
@@ -49,3 +52,30 @@ def test_threads_compose_at_the_same_time():
     for t in threads:
         t.join()
     assert not errors and results == [10] * 9
+
+
+@pytest.mark.parametrize("family", sorted(families()))
+def test_conditioning_is_a_config_group_every_family_takes(family):
+    """conditioning=class makes any family class-conditional; the families with classifier-free
+    guidance also train a null class (label dropout 0.1) and sample at w = 1; none undoes it all."""
+    import hydra
+
+    from models.configs import compose
+
+    for conditioning, classes in (("none", None), ("class", 10)):
+        model = hydra.utils.instantiate(compose("train", [f"model={family}", f"conditioning={conditioning}"]).model)
+        assert model.num_classes == classes, conditioning
+        if "classifier_free" in model.guidance_kinds:
+            assert model.label_dropout == (0.1 if classes else 0.0)
+            assert model.default_sampler["guidance_scale"] == (1.0 if classes else 0.0)
+
+
+def test_a_checkpoints_model_settings_can_be_overridden_but_not_invented(smoke_checkpoint):
+    """load_module(model_overrides=...): an estimator switched on the stored config; a section the
+    stored model config does not have is refused by name."""
+    from models.checkpoints import load_module
+
+    module, _, _ = load_module(smoke_checkpoint, "cpu", {"likelihood.kind": "ode"})
+    assert module.likelihood_kind == "ode"
+    with pytest.raises(ValueError, match="no 'no_such_section'"):
+        load_module(smoke_checkpoint, "cpu", {"no_such_section.x": 1})

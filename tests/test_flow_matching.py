@@ -194,3 +194,49 @@ def test_bits_per_dim_standard_error_is_the_standard_error_over_images():
     mean, stderr = Evaluator(bpd_num_images=5, batch_size=2).bits_per_dim(Known(), test_set)
     bpd = -nats.numpy() / (4 * math.log(2.0))
     assert mean == pytest.approx(bpd.mean()) and stderr == pytest.approx(bpd.std(ddof=1) / np.sqrt(5))
+
+
+def test_the_ddpm_ode_through_the_decoder_is_decoder_plus_ode_density_minus_noising_density():
+    """likelihood.start=decoder: log p(x | x_0) + log p_ode(x_0) - log q(x_0 | x) with x_0 ~ q(x_0 | x).
+    With the exact eps of Gaussian data the ODE's density of x_0 is the Gaussian's (scipy), and
+    q(x_0 | x) = N(sqrt(a0) x, 1 - a0) (scipy); the decoder term is the bound's L_0 on the same x_0."""
+    from functools import partial
+
+    from models.ddpm import DDPM
+    from models.diffusion.gaussian_diffusion import GaussianDiffusion
+
+    steps = 200
+    process = GaussianDiffusion(num_timesteps=steps, schedule="cosine")
+    log_abar = torch.cat([torch.zeros(1, dtype=torch.float64), torch.log(process.alphas_cumprod)])
+
+    class ExactEps(nn.Module):   # E[eps | x_t] of N(MU, SIGMA^2) data, at the ODE's fractional timesteps
+        num_classes, learn_sigma = None, False
+
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, timestep):
+            position = timestep.double() + 1.0
+            k = position.floor().clamp(max=steps - 1).long()
+            a = (log_abar[k] + (position - k) * (log_abar[k + 1] - log_abar[k])).exp()
+            a = a.view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+            return (1 - a).sqrt() / (a * SIGMA ** 2 + 1 - a) * (x - a.sqrt() * MU)
+
+    ddpm = DDPM(ExactEps(), process, partial(torch.optim.Adam), image_shape=(1, 2, 2), ema_decay=0.0,
+                likelihood={"kind": "ode", "start": "decoder", "rtol": 1e-7, "atol": 1e-7})
+    torch.manual_seed(3)
+    x = torch.randint(0, 256, (3, 1, 2, 2)).double() / 255.0
+    nats = ddpm.double().log_likelihood(x, torch.Generator().manual_seed(11))
+
+    eps = torch.randn((3, 1, 2, 2), generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    a0 = float(process.alphas_cumprod[0])
+    x0 = x * 2 - 1
+    latent = math.sqrt(a0) * x0 + math.sqrt(1 - a0) * eps
+    t = torch.zeros(3, dtype=torch.long)
+    decoder_nats = process.vb_term_bpd(ddpm.ema.shadow, x0, latent, t).double() * 4 * math.log(2)
+    ode = stats.norm.logpdf(latent.numpy(), math.sqrt(a0) * MU, math.sqrt(a0 * SIGMA ** 2 + 1 - a0)).reshape(3, -1).sum(1)
+    noising = stats.norm.logpdf(latent.numpy(), math.sqrt(a0) * x0.numpy(), math.sqrt(1 - a0)).reshape(3, -1).sum(1)
+    expected = -decoder_nats.numpy() + ode - noising
+    assert abs((nats.numpy() - expected) / 4).max() < 1e-3
+    assert ddpm.likelihood_details()["start"].startswith("decoder")

@@ -229,3 +229,23 @@ def test_a_failed_task_of_the_guidance_stage_does_not_stop_the_others():
     assert results[0] == 2 and isinstance(results[1], ValueError) and results[2] == 3
     with pytest.raises(ValueError):
         run_parallel([(fail,)], jobs=1)
+
+
+def test_fid_against_nfe_table_is_the_mean_and_t_interval_over_seeds():
+    """fid_vs_nfe_markdown: per family and sampler, the mean over seeds and the 95% Student-t
+    half-width (scipy's t quantile as the reference)."""
+    import numpy as np
+    from scipy import stats
+
+    from scripts.main_job import fid_vs_nfe_markdown
+
+    fids = {10: [20.0, 24.0, 23.0], 20: [15.0, 16.0, 14.5]}
+    points = [{"curve": "ddpm: DDIM (eta=1)", "label": f"ddpm DDIM (eta=1) @ {nfe}", "fid": fid, "seed": seed,
+               "num_samples": 1000, "extractor": "classifier", "nfe": nfe}
+              for nfe, values in fids.items() for seed, fid in enumerate(values)]
+    row = next(line for line in fid_vs_nfe_markdown(points).splitlines() if line.startswith("| ddpm"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    for cell, values in zip(cells[1:3], fids.values()):
+        half = stats.t.ppf(0.975, 2) * np.std(values, ddof=1) / np.sqrt(3)
+        assert cell == f"{np.mean(values):.2f} ± {half:.2f}"
+    assert cells[3] == "3"
