@@ -120,18 +120,3 @@ def sampling_costs(device, num_samples: int) -> list[dict]:
         rows.append({"sampler": label, "nfe": model.sampling_cost(**kw)["nfe"], "sec_per_sample": seconds / num_samples,
                      "peak_mb": mem.peak_mb})
     return rows
-
-
-def sampler_fid(run_dir: Path, num_samples: int, cache_dir: Path, out: Path) -> dict:
-    """FID of DDIM-50 (eta 0 and 1) against ancestral-1000 on one trained DDPM run directory: the
-    quality side of the 20x cheaper sampler (classifier features)."""
-    from scripts.main_job import fid_vs_nfe
-    samplers = [("DDIM-50", {"name": "ddim", "steps": 50, "eta": 0.0}),
-                ("DDIM-50 eta=1", {"name": "ddim", "steps": 50, "eta": 1.0}),
-                ("ancestral-1000", {"name": "ancestral", "steps": None, "eta": 1.0})]
-    points = fid_vs_nfe(run_dir, out, num_samples, [f"paths.cache_dir={cache_dir}"], samplers)
-    ancestral = points[-1]["fid"]
-    for p in points:
-        p["fid_ratio_to_ancestral"] = p["fid"] / ancestral
-        p["nfe_ratio_to_ancestral"] = p["nfe"] / points[-1]["nfe"]
-    return {"run_dir": str(run_dir), "num_samples": num_samples, "points": points}

@@ -25,7 +25,7 @@ from metrics.callback import EvaluationCallback
 from metrics.report import run_filter_keys
 from metrics.results import RESULTS_FILE, results_record, write_json
 from models.checkpoints import CheckpointError, StreamingCheckpointIO, check_checkpoint  # noqa: F401  (re-exported)
-from models.compute import COMPUTE_FILE, ComputeTracker
+from metrics.compute import COMPUTE_FILE, ComputeTracker
 from models.budget import BudgetStop, check_budget_settings, plan_budget
 from models.config_checks import check_model_optimizers
 

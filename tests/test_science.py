@@ -211,7 +211,8 @@ def test_training_compute_is_counted_on_a_copy_and_scales_with_images(tmp_path):
     import pytorch_lightning as pl
     from torch.utils.flop_counter import FlopCounterMode
 
-    from models.compute import ComputeTracker, training_flops_per_image
+    from metrics.compute import ComputeTracker
+    from models.compute import training_flops_per_image
 
     cfg = compose("train", ["experiment=digits_gan", "datamodule.batch_size=32"], tmp_path)
     model = hydra.utils.instantiate(cfg.model)
