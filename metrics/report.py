@@ -280,7 +280,8 @@ def build_table(records: Sequence[RunRecord], group_by: Sequence[str] = ("model"
                + (f" and {', '.join(extra)} (final evaluation)" if extra else "")
                + ". fid_inf: FID extrapolated to infinitely many samples (Chong & Forsyth 2020). bits/dim on test "
                "images (dequantized = the flow's exact density of dequantized data, a bound on the 8-bit likelihood; "
-               "bound = ELBO/IWAE/variational bound). Best per column in bold.")
+               "bound = ELBO/IWAE/variational bound; ODE = the density of dequantized data from a continuous flow's "
+               "ODE, also a bound). Best per column in bold.")
     return Table(row_keys, columns, rows, caption, failed)
 
 

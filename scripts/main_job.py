@@ -514,7 +514,7 @@ def run_main_job(out: Path, seeds: list[int], families=None, parts: dict[str, st
                     "table_files": {name: t["files"] for name, t in tables.items()}, "plots": str(out / "plots"),
                     "curves": {name: t["curves"] for name, t in tables.items()},
                     "crossover": {name: t["crossover"] for name, t in tables.items() if "crossover" in t}})
-    summary["provenance"] = provenance(wall, out) + (" (its training runs reused from an earlier run of this job in "
+    summary["provenance"] = provenance(wall) + (" (its training runs reused from an earlier run of this job in "
                                                      "the same folder; the time excludes them)" if reused_training else "")
     summary["seeds"] = list(seeds)
     (out / "main_job.json").write_text(json.dumps(summary, indent=2))
@@ -591,7 +591,7 @@ def rebuild_summary(out: Path, families=None) -> str:
         by_part.setdefault("conditional", []).extend(collect_local([out / "guided"]))
     tables = {name: write_part(name, recs, out, seeds) for name, recs in by_part.items() if recs}
     job["crossover"] = {name: t["crossover"] for name, t in tables.items() if "crossover" in t}
-    job.setdefault("provenance", provenance(job["wall_seconds"], out))
+    job.setdefault("provenance", provenance(job["wall_seconds"]))
     job["seeds"] = seeds
     text = headline(out, {name: t["table"] for name, t in tables.items()}, job)
     (out / "summary.md").write_text(text)
