@@ -67,6 +67,14 @@ class TrainedModule(TrainingLoopMixin, ExactResumeMixin, pl.LightningModule):
             raise ValueError(f"model.warmup_fraction must be in [0, 1), got {warmup_fraction!r}")
         self.warmup_steps, self.warmup_fraction, self.lr_decay = int(warmup_steps), warmup_fraction, lr_decay
 
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        """One batch of a module with one loss: ``training_loss``'s "loss" is minimised, and each of
+        its entries logged as train/<name> on logging steps (the GAN, two optimizers, has its own)."""
+        out = self.training_loss(batch[0], batch[1])
+        self.check_finite_loss(out["loss"])
+        self.log_train(lambda: {f"train/{name}": value for name, value in out.items()}, batch[0].shape[0])
+        return out["loss"]
+
     def update_ema(self) -> None:
         """Move the family's EMA weights after an optimizer step (none by default)."""
 
@@ -235,6 +243,19 @@ class GenerativeModule(TrainedModule):
             sub = noise.slice(start, start + m) if isinstance(noise, SampleNoise) else noise
             out.append(draw(m, sub, None if labels is None else labels[start:start + m]))
         return torch.cat(out)
+
+
+class NetEMAMixin:
+    """An EMA of ``self.net`` (``self.ema``, models/components/ema.py) moved right after every
+    optimizer step, so that a checkpoint taken at a step's end holds that step's update: the
+    DDPM's and flow matching's."""
+
+    def update_ema(self) -> None:
+        self.ema.update(self.net)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
 
 
 class NullClassMixin:

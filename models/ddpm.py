@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from models.base import GenerativeModule, NullClassMixin
+from models.base import GenerativeModule, NetEMAMixin, NullClassMixin
 from models.noise import Noise, randn
 from models.components.ema import EMA
 from models.diffusion.gaussian_diffusion import GaussianDiffusion
@@ -33,7 +33,7 @@ def scale_value(name: str, value: Any) -> float:
     return scale
 
 
-class DDPM(NullClassMixin, GenerativeModule):
+class DDPM(NullClassMixin, NetEMAMixin, GenerativeModule):
     """Args:
         net: eps_theta(x_t, t), e.g. models.components.unet.UNet.
         diffusion: the Gaussian process (schedule, T, variance).
@@ -133,20 +133,6 @@ class DDPM(NullClassMixin, GenerativeModule):
         y = self.training_labels(labels)
         model = self.conditioned(self.net, None if y is None else self.drop_labels(y))
         return {"loss": self.diffusion.training_loss(model, x0).mean()}
-
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        loss = self.training_loss(batch[0], batch[1])["loss"]
-        self.check_finite_loss(loss)
-        self.log_train({"train/loss": loss}, batch[0].shape[0])
-        return loss
-
-    def update_ema(self) -> None:
-        self.ema.update(self.net)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        # right after the step, so a checkpoint taken at this step's end holds this update
-        self.update_ema()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x0 = batch[0] * 2.0 - 1.0

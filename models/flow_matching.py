@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.base import GenerativeModule, NullClassMixin
+from models.base import GenerativeModule, NetEMAMixin, NullClassMixin
 from models.components.ema import EMA
 from models.noise import Noise, SampleNoise, dequantize, randn
 
@@ -177,7 +177,7 @@ def ode_density(velocity: Velocity, z: Tensor, noise: Noise, rtol: float, atol: 
 
 
 # ----------------------------------------------------------------------------- the family
-class FlowMatching(NullClassMixin, GenerativeModule):
+class FlowMatching(NullClassMixin, NetEMAMixin, GenerativeModule):
     """Args:
         net: v(x_t, t), e.g. models.components.unet.UNet (the DDPM's; Ho or ADM options); it sees
             t x ``time_scale`` so that its timestep embedding covers the DDPM's range.
@@ -256,19 +256,6 @@ class FlowMatching(NullClassMixin, GenerativeModule):
         t = sample_time(x0.shape[0], self.time_distribution, x0.device, None, *self.logit_normal)
         loss = flow_matching_loss(self.velocity(self.net, y), x0, t, torch.randn_like(x0))
         return {"loss": loss.mean()}
-
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        loss = self.training_loss(batch[0], batch[1])["loss"]
-        self.check_finite_loss(loss)
-        self.log_train({"train/loss": loss}, batch[0].shape[0])
-        return loss
-
-    def update_ema(self) -> None:
-        self.ema.update(self.net)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.update_ema()
 
     def validation_step(self, batch, batch_idx: int) -> None:
         x0 = batch[0] * 2.0 - 1.0

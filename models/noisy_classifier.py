@@ -65,12 +65,6 @@ class NoisyClassifier(TrainedModule):
         return {"loss": F.cross_entropy(logits, labels.long()),
                 "acc": (logits.argmax(1) == labels).float().mean().detach()}
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        out = self.training_loss(batch[0], batch[1])
-        self.check_finite_loss(out["loss"])
-        self.log_train({"train/loss": out["loss"], "train/acc": out["acc"]}, batch[0].shape[0])
-        return out["loss"]
-
     def validation_step(self, batch, batch_idx: int) -> None:
         """Loss and accuracy overall and per noise level (NOISE_BINS bins of t), fixed noise per batch."""
         images, labels = batch[0], batch[1].long()

@@ -83,12 +83,6 @@ class RealNVP(GenerativeModule):
         y = self.training_labels(labels)
         return {"loss": -self.discrete_log_prob(images, y=y).mean() / (self.num_dims * math.log(2))}
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        loss = self.training_loss(batch[0], batch[1])["loss"]
-        self.check_finite_loss(loss)
-        self.log_train({"train/loss": loss}, batch[0].shape[0])
-        return loss
-
     def validation_step(self, batch, batch_idx: int) -> None:
         x = batch[0]
         gen = torch.Generator(self.device).manual_seed(batch_idx)

@@ -101,12 +101,6 @@ class VAE(GenerativeModule):
         return {"loss": (kl * beta - rec).mean() / self.num_dims,
                 "elbo_bpd": (kl - rec).detach().mean() / (self.num_dims * math.log(2))}
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        out = self.training_loss(batch[0], batch[1])
-        self.check_finite_loss(out["loss"])
-        self.log_train(lambda: {"train/loss": out["loss"], "train/elbo_bpd": out["elbo_bpd"]}, batch[0].shape[0])
-        return out["loss"]
-
     def validation_step(self, batch, batch_idx: int) -> None:
         x = batch[0]
         rec, kl, _ = self.elbo_terms(x, torch.randn(x.shape[0], self.latent_dim, device=self.device,

@@ -40,11 +40,6 @@ class ToyGaussian(GenerativeModule):
     def training_loss(self, images: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
         return {"loss": -self._dequantized_log_density(images).mean() / self.num_dims}
 
-    def training_step(self, batch, batch_idx: int) -> Tensor:
-        loss = self.training_loss(batch[0])["loss"]
-        self.log_train({"train/loss": loss}, batch[0].shape[0])
-        return loss
-
     def validation_step(self, batch, batch_idx: int) -> None:
         pass
 
