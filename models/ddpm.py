@@ -85,12 +85,17 @@ class DDPM(NullClassMixin, NetEMAMixin, GenerativeModule):
         #: ODE ("ode", Song et al. 2021, Sec. D.2), with the ODE's rtol, atol and exact_max_dims, and
         #: how the ODE meets the 8-bit data (``start``: :meth:`log_likelihood`)
         self.likelihood_settings = {"kind": "elbo", "rtol": 1e-5, "atol": 1e-5, "exact_max_dims": 64,
-                                    "start": "dequantized", **(likelihood or {})}
+                                    "start": "dequantized", "start_step": 0, **(likelihood or {})}
         if self.likelihood_settings["kind"] not in ("elbo", "ode"):
             raise ValueError(f"model.likelihood.kind={self.likelihood_settings['kind']!r}; choose elbo (the "
                              "variational bound) or ode (the probability-flow ODE)")
         if self.likelihood_settings["start"] not in ODE_STARTS:
             raise ValueError(f"model.likelihood.start={self.likelihood_settings['start']!r}; choose one of {ODE_STARTS}")
+        step = self.likelihood_settings["start_step"] = int(self.likelihood_settings["start_step"])
+        if not 0 <= step < diffusion.num_timesteps - 1 or (step and self.likelihood_settings["start"] != "decoder"):
+            raise ValueError(f"model.likelihood.start_step={step}: the ODE can start at a timestep 0 <= k < "
+                             f"{diffusion.num_timesteps - 1} of the process, after the bound's terms below it, "
+                             "with model.likelihood.start=decoder only")
         self.likelihood_kind = self.likelihood_settings["kind"]
         self._likelihood_record: dict[str, Any] = {}
         self.set_label_dropout(net, label_dropout)
@@ -250,27 +255,34 @@ class DDPM(NullClassMixin, NetEMAMixin, GenerativeModule):
         - "decoder": as the bound does, through timestep 0's noising and the discretized decoder,
           one latent x_0 ~ q(x_0 | x) per image:
           log p(x) >= log p(x | x_0) + log p_ode(x_0) - log q(x_0 | x),
-          the bound of Eq. 5 with L_T + sum L_{t-1} for t >= 1 replaced by the ODE's density."""
+          the bound of Eq. 5 with L_T + sum L_{t-1} for t >= 1 replaced by the ODE's density; with
+          ``likelihood.start_step`` = k > 0 the bound keeps its terms L_0 ... L_k and the ODE scores
+          x_k ~ q(x_k | x) (where along the noise the ODE and the bound part)."""
         model = self.conditioned(self.ema.shadow, self.check_labels(labels, x.shape[0]))
         if self.likelihood_kind == "ode":
             from models.flow_matching import dequantized_ode_log_likelihood, ode_density
 
-            settings = {k: v for k, v in self.likelihood_settings.items() if k not in ("kind", "start")}
+            settings = {k: v for k, v in self.likelihood_settings.items() if k not in ("kind", "start", "start_step")}
             velocity, t0 = self.diffusion.probability_flow(model), 1.0 / self.diffusion.num_timesteps
             if self.likelihood_settings["start"] == "dequantized":
                 nats, self._likelihood_record = dequantized_ode_log_likelihood(velocity, x, generator, **settings, t0=t0)
                 return nats
             x0 = x * 2.0 - 1.0
-            n, dims = x.shape[0], self.num_dims
-            t = torch.zeros(n, device=x.device, dtype=torch.long)
+            n, dims, k = x.shape[0], self.num_dims, self.likelihood_settings["start_step"]
             eps = randn(generator, n, x.shape[1:], x.device).to(x.dtype)
-            latent = self.diffusion.q_sample(x0, t, eps)
-            decoder_bits = self.diffusion.vb_term_bpd(model, x0, latent, t) * dims        # -log2 p(x | x_0)
-            sigma2 = float(1.0 - self.diffusion.alphas_cumprod[0])
+            latent = self.diffusion.q_sample(x0, torch.full((n,), k, device=x.device, dtype=torch.long), eps)
+            # -log2 of the decoder and of the bound's transitions below timestep k, each term on its own
+            # x_t ~ q(x_t | x) (a sum of expectations under the marginals, as the bound's own estimate)
+            bound_bits = torch.zeros(n, dtype=torch.float64, device=x.device)
+            for i in range(k + 1):
+                t = torch.full((n,), i, device=x.device, dtype=torch.long)
+                x_t = latent if i == k else self.diffusion.q_sample(x0, t, randn(generator, n, x.shape[1:], x.device).to(x.dtype))
+                bound_bits += self.diffusion.vb_term_bpd(model, x0, x_t, t).double() * dims
+            sigma2 = float(1.0 - self.diffusion.alphas_cumprod[k])
             log_q = -0.5 * eps.flatten(1).pow(2).sum(1) - 0.5 * dims * math.log(2 * math.pi * sigma2)
-            log_p, record = ode_density(velocity, latent, generator, **settings, t0=t0)
-            self._likelihood_record = {**record, "start": "decoder (one x_0 ~ q(x_0 | x) per image)"}
-            return (-decoder_bits.double() * math.log(2.0) + log_p - log_q.double()).to(x.dtype)
+            log_p, record = ode_density(velocity, latent, generator, **settings, t0=(k + 1) * t0)
+            self._likelihood_record = {**record, "start": f"decoder at timestep {k} (one x_k ~ q(x_k | x) per image)"}
+            return (-bound_bits * math.log(2.0) + log_p - log_q.double()).to(x.dtype)
         bpd = self.diffusion.bpd(model, x * 2.0 - 1.0, generator)
         return -bpd * self.num_dims * math.log(2.0)
 

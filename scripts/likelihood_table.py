@@ -44,9 +44,24 @@ def run_bits_per_dim(ckpt: str, overrides: dict, images: int, batch_size: int = 
             "seconds": time.perf_counter() - started}
 
 
-def likelihood_rows(runs: Path, images: int, families: list[str] | None, jobs: int, done: dict) -> dict:
+def parse_estimator(text: str) -> tuple[str, str, dict]:
+    """"FAMILY/LABEL:key=value,key=value" -> (family, label, model overrides)."""
+    try:
+        head, settings = text.split(":", 1)
+        family, label = head.split("/", 1)
+        overrides = dict(item.split("=", 1) for item in settings.split(","))
+    except ValueError:
+        raise SystemExit(f"--estimator {text!r}: write FAMILY/LABEL:key=value[,key=value], e.g. "
+                         "'ddpm/ode from timestep 10:likelihood.kind=ode,likelihood.start=decoder,"
+                         "likelihood.start_step=10'") from None
+    return family, label, overrides
+
+
+def likelihood_rows(runs: Path, images: int, families: list[str] | None, jobs: int, done: dict,
+                    extra: list[tuple[str, str, dict]] = ()) -> dict:
     """{family: {estimator: {seed: result}}} for every finished run under ``runs``; ``done`` holds
-    results of an earlier call (same images), which are kept."""
+    results of an earlier call (same images), which are kept. ``extra``: (family, label, model
+    overrides) estimators beside those the family declares."""
     from models.registry import family_class
     from scripts.main_job import run_parallel
 
@@ -55,7 +70,8 @@ def likelihood_rows(runs: Path, images: int, families: list[str] | None, jobs: i
         family = record.results.get("model") if record.ok else None
         if family is None or (families and family not in families):
             continue
-        variants = family_class(family).likelihood_variants()
+        variants = {**family_class(family).likelihood_variants(),
+                    **{label: overrides for fam, label, overrides in extra if fam == family}}
         seeds = done.setdefault(family, {}).setdefault("_seeds", [])
         seeds += [] if record.results["seed"] in seeds else [record.results["seed"]]
         for label, overrides in variants.items():
@@ -103,6 +119,9 @@ def main(argv=None) -> None:
     p.add_argument("--families", nargs="*", default=None)
     p.add_argument("--jobs", type=int, default=2, help="estimates side by side (1 thread each)")
     p.add_argument("--out", type=Path, default=None, help="folder of likelihood.{json,md} (default: beside runs)")
+    p.add_argument("--estimator", action="append", default=[], metavar="FAMILY/LABEL:KEY=VALUE,...",
+                   help="another estimator as model overrides, e.g. 'ddpm/ode from timestep 10:likelihood.kind=ode,"
+                        "likelihood.start=decoder,likelihood.start_step=10' (repeatable)")
     args = p.parse_args(argv)
     if not args.runs.is_dir():
         raise SystemExit(f"{args.runs} is not a folder of run directories")
@@ -112,7 +131,8 @@ def main(argv=None) -> None:
     if saved.is_file():
         earlier = json.loads(saved.read_text())
         done = earlier["rows"] if earlier.get("images") == args.images else {}
-    rows = likelihood_rows(args.runs, args.images, args.families, args.jobs, done)
+    extra = [parse_estimator(text) for text in args.estimator]
+    rows = likelihood_rows(args.runs, args.images, args.families, args.jobs, done, extra)
     write_json(saved, {"images": args.images, "rows": rows})
     atomic_write_text(out / "likelihood.md", markdown(rows, args.images))
     print(markdown(rows, args.images))

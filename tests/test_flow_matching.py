@@ -196,10 +196,12 @@ def test_bits_per_dim_standard_error_is_the_standard_error_over_images():
     assert mean == pytest.approx(bpd.mean()) and stderr == pytest.approx(bpd.std(ddof=1) / np.sqrt(5))
 
 
-def test_the_ddpm_ode_through_the_decoder_is_decoder_plus_ode_density_minus_noising_density():
-    """likelihood.start=decoder: log p(x | x_0) + log p_ode(x_0) - log q(x_0 | x) with x_0 ~ q(x_0 | x).
-    With the exact eps of Gaussian data the ODE's density of x_0 is the Gaussian's (scipy), and
-    q(x_0 | x) = N(sqrt(a0) x, 1 - a0) (scipy); the decoder term is the bound's L_0 on the same x_0."""
+@pytest.mark.parametrize("k", [0, 3])
+def test_the_ddpm_ode_through_the_decoder_is_bound_terms_plus_ode_density_minus_noising_density(k):
+    """likelihood.start=decoder, start_step=k: the bound's L_0 ... L_k + log p_ode(x_k) - log q(x_k | x)
+    with x_k ~ q(x_k | x). With the exact eps of Gaussian data the ODE's density of x_k is the
+    Gaussian's (scipy), and q(x_k | x) = N(sqrt(a_k) x, 1 - a_k) (scipy); the bound's terms are its
+    own (L_k on the same x_k, the others on their own draws, in the module's order)."""
     from functools import partial
 
     from models.ddpm import DDPM
@@ -224,19 +226,24 @@ def test_the_ddpm_ode_through_the_decoder_is_decoder_plus_ode_density_minus_nois
             return (1 - a).sqrt() / (a * SIGMA ** 2 + 1 - a) * (x - a.sqrt() * MU)
 
     ddpm = DDPM(ExactEps(), process, partial(torch.optim.Adam), image_shape=(1, 2, 2), ema_decay=0.0,
-                likelihood={"kind": "ode", "start": "decoder", "rtol": 1e-7, "atol": 1e-7})
+                likelihood={"kind": "ode", "start": "decoder", "start_step": k, "rtol": 1e-7, "atol": 1e-7})
     torch.manual_seed(3)
     x = torch.randint(0, 256, (3, 1, 2, 2)).double() / 255.0
     nats = ddpm.double().log_likelihood(x, torch.Generator().manual_seed(11))
 
-    eps = torch.randn((3, 1, 2, 2), generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-    a0 = float(process.alphas_cumprod[0])
+    g = torch.Generator().manual_seed(11)
+    eps = torch.randn((3, 1, 2, 2), generator=g, dtype=torch.float64)
+    a = process.alphas_cumprod.double()
     x0 = x * 2 - 1
-    latent = math.sqrt(a0) * x0 + math.sqrt(1 - a0) * eps
-    t = torch.zeros(3, dtype=torch.long)
-    decoder_nats = process.vb_term_bpd(ddpm.ema.shadow, x0, latent, t).double() * 4 * math.log(2)
-    ode = stats.norm.logpdf(latent.numpy(), math.sqrt(a0) * MU, math.sqrt(a0 * SIGMA ** 2 + 1 - a0)).reshape(3, -1).sum(1)
-    noising = stats.norm.logpdf(latent.numpy(), math.sqrt(a0) * x0.numpy(), math.sqrt(1 - a0)).reshape(3, -1).sum(1)
-    expected = -decoder_nats.numpy() + ode - noising
+    latent = a[k].sqrt() * x0 + (1 - a[k]).sqrt() * eps
+    bound_nats = torch.zeros(3, dtype=torch.float64)
+    for i in range(k + 1):
+        x_i = latent if i == k else a[i].sqrt() * x0 + (1 - a[i]).sqrt() * torch.randn((3, 1, 2, 2), generator=g, dtype=torch.float64)
+        t = torch.full((3,), i, dtype=torch.long)
+        bound_nats += process.vb_term_bpd(ddpm.ema.shadow, x0, x_i, t).double() * 4 * math.log(2)
+    ak = float(a[k])
+    ode = stats.norm.logpdf(latent.numpy(), math.sqrt(ak) * MU, math.sqrt(ak * SIGMA ** 2 + 1 - ak)).reshape(3, -1).sum(1)
+    noising = stats.norm.logpdf(latent.numpy(), math.sqrt(ak) * x0.numpy(), math.sqrt(1 - ak)).reshape(3, -1).sum(1)
+    expected = -bound_nats.numpy() + ode - noising
     assert abs((nats.numpy() - expected) / 4).max() < 1e-3
     assert ddpm.likelihood_details()["start"].startswith("decoder")
