@@ -52,9 +52,15 @@ def check_scales(scales: Any) -> list[float]:
 
 
 def scale_config(cfg: DictConfig, key: str, scale: float, out_dir: Path) -> DictConfig:
+    """The evaluation of one scale: ``key`` set to it, and the other kind of guidance off unless
+    the sweep's sampler sets it (a class-conditional model's own sampler guides with w = 1:
+    conf/conditioning/class.yaml, and a classifier sweep must not ride on it)."""
     one = copy.deepcopy(cfg)
     with open_dict(one):
         one.sampler[key] = scale
+        for other in SCALE_KEYS.values():
+            if other != key and one.sampler.get(other) is None:
+                one.sampler[other] = 0.0
         one.paths.output_dir = str(out_dir / f"scale_{scale:g}")
         one.evaluation.bpd_num_images = 0   # guidance leaves the model's likelihood as it is
     return one

@@ -249,3 +249,19 @@ def test_fid_against_nfe_table_is_the_mean_and_t_interval_over_seeds():
         half = stats.t.ppf(0.975, 2) * np.std(values, ddof=1) / np.sqrt(3)
         assert cell == f"{np.mean(values):.2f} ± {half:.2f}"
     assert cells[3] == "3"
+
+
+def test_a_guidance_sweep_turns_the_other_guidance_off_unless_told(tmp_path):
+    """A class-conditional DDPM samples with w = 1 by default (conditioning=class): a classifier
+    sweep evaluates classifier guidance alone (w = 0), unless the sweep's sampler sets w itself."""
+    from models.configs import compose
+    from scripts.guidance_sweep import SCALE_KEYS, scale_config
+
+    plain = compose("guidance_sweep", ["ckpt_path=x.ckpt", "guidance=classifier"], tmp_path)
+    one = scale_config(plain, SCALE_KEYS["classifier"], 2.0, tmp_path)
+    assert (one.sampler.classifier_scale, one.sampler.guidance_scale) == (2.0, 0.0)
+    told = compose("guidance_sweep", ["ckpt_path=x.ckpt", "guidance=classifier", "sampler.guidance_scale=1"], tmp_path)
+    assert scale_config(told, SCALE_KEYS["classifier"], 2.0, tmp_path).sampler.guidance_scale == 1.0
+    free = scale_config(compose("guidance_sweep", ["ckpt_path=x.ckpt"], tmp_path), SCALE_KEYS["classifier_free"], 4.0,
+                        tmp_path)
+    assert (free.sampler.guidance_scale, free.sampler.classifier_scale) == (4.0, 0.0)
