@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from models.base import LossTerm
 from models.rng import isolated_rng
 
 
@@ -27,7 +28,10 @@ def training_flops_per_image(module, images: Tensor, labels: Tensor | None = Non
     y = None if labels is None else labels[:probe_images]
     with isolated_rng(0), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         total = 0.0
-        for term in probe.loss_terms():
+        # a genbench module declares its loss terms; any other module with a training_loss has one
+        terms = probe.loss_terms() if hasattr(probe, "loss_terms") else \
+            [LossTerm(lambda images, labels: probe.training_loss(images, labels)["loss"])]
+        for term in terms:
             before = counter.get_total_flops()
             term.loss(x, y).backward()
             total += (counter.get_total_flops() - before) / term.every
