@@ -15,6 +15,14 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return mean, std
 
 
+def interval_text(values: Sequence[float], digits: int = 2) -> str:
+    """"mean ± 95% t half-width" of ``values`` (the mean alone for one value): genbench's "±"."""
+    mean, std = mean_std(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {t_half_width(std, len(values)):.{digits}f}"
+
+
 def t_half_width(std: float, n: int, confidence: float = CONFIDENCE) -> float:
     """Half-width of the Student-t confidence interval of a mean: t_{(1+c)/2, n-1} s / sqrt(n)."""
     from scipy import stats

@@ -37,14 +37,18 @@ def registered_targets() -> set[str]:
 
 
 def _import_model_configs(conf_dir: Path) -> None:
-    """Import the class each conf/model/*.yaml names (which registers the families among them)."""
+    """Import the class each conf/model/*.yaml names and register the families among them (also
+    when the module was imported before: registering is idempotent, importing is not repeated)."""
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
+    from models.base import GenerativeModule
+
     for path in sorted((conf_dir / "model").glob("*.yaml")):
         target = OmegaConf.load(path).get("_target_")
-        if target:
-            get_class(target)
+        cls = get_class(target) if target else None
+        if isinstance(cls, type) and issubclass(cls, GenerativeModule) and "family" in vars(cls):
+            register(cls)
 
 
 def families(conf_dir: Path = CONF_DIR) -> dict[str, type]:

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from metrics.intervals import mean_std, t_half_width  # noqa: E402
+from metrics.intervals import interval_text  # noqa: E402
 from metrics.report import collect_local  # noqa: E402
 from metrics.results import atomic_write_text, write_json  # noqa: E402
 
@@ -98,10 +98,8 @@ def markdown(rows: dict, images: int) -> str:
             lines.append(f"| {family} | none (no likelihood) | – | {len(rows[family].get('_seeds', []))} | – |")
         for label, by_seed in estimators.items():
             values = [r["bpd"] for r in by_seed.values()]
-            mean, std = mean_std(values)
             seconds = sum(r["seconds"] for r in by_seed.values()) / len(by_seed)
-            lines.append(f"| {family} | {label} | {mean:.3f} ± {t_half_width(std, len(values)):.3f} | {len(values)} "
-                         f"| {seconds:.0f} |")
+            lines.append(f"| {family} | {label} | {interval_text(values, 3)} | {len(values)} | {seconds:.0f} |")
     lines.append(f"\nBits/dim of the 8-bit test images (the first {images}, the same images and noise for every run "
                  "and estimator); mean ± 95% Student-t interval over the seeds' checkpoints. elbo: the variational "
                  "bound (the VAE's: IWAE, K = 100); dequantized: the flow's exact density of uniformly dequantized "

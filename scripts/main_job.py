@@ -200,7 +200,7 @@ def fid_vs_nfe(run: Path, out: Path, num_samples: int, extra: list[str], family:
 
 def fid_vs_nfe_markdown(points: list[dict]) -> str:
     """Per family and sampler, FID at each NFE: mean ± 95% Student-t interval over the seeds."""
-    from metrics.intervals import mean_std, t_half_width
+    from metrics.intervals import interval_text
 
     nfes = sorted({p["label"].rsplit(" @ ", 1)[1] for p in points}, key=int)
     curves = list(dict.fromkeys(p["curve"] for p in points))
@@ -211,11 +211,7 @@ def fid_vs_nfe_markdown(points: list[dict]) -> str:
         for nfe in nfes:
             values = [p["fid"] for p in points if p["curve"] == curve and p["label"].endswith(f" @ {nfe}")]
             seeds |= {p.get("seed") for p in points if p["curve"] == curve}
-            if not values:
-                cells.append("")
-                continue
-            mean, std = mean_std(values)
-            cells.append(f"{mean:.2f} ± {t_half_width(std, len(values)):.2f}" if len(values) > 1 else f"{mean:.2f}")
+            cells.append(interval_text(values) if values else "")
         lines.append(f"| {curve} | " + " | ".join(cells) + f" | {len(seeds)} |")
     extractor = points[0].get("extractor", "") if points else ""
     lines.append(f"\nFID [{extractor}] of N = {points[0]['num_samples'] if points else 0} samples per point; "
@@ -456,9 +452,9 @@ def run_main_job(out: Path, seeds: list[int], families=None, parts: dict[str, st
     by_part = {name: [r for r in records if _part_of(r, preset, families)] for name, preset in parts.items()}
     summary: dict = {"fid_vs_nfe": [], "sweeps": {}}
 
-    def seed0(part: str, family: str) -> Path | None:
+    def run_of(part: str, family: str, seed: int) -> Path | None:
         return next((Path(r.source) for r in by_part.get(part, []) if r.ok and r.results["model"] == family
-                     and r.results["seed"] == seeds[0]), None)
+                     and r.results["seed"] == seed), None)
 
     # what follows training asks each family what it can do (models/registry.py), never its name
     from models.registry import family_class
@@ -470,7 +466,7 @@ def run_main_job(out: Path, seeds: list[int], families=None, parts: dict[str, st
         stage("waiting for the noise-aware classifier", start)
         classifier_ckpt = classifier_job()
     for family, cls in capable.items():
-        cond0 = seed0("conditional", family) if conditional else None
+        cond0 = run_of("conditional", family, seeds[0]) if conditional else None
         for guidance_kind in SWEEPS if cond0 is not None else ():
             if guidance_kind in cls.guidance_kinds and (guidance_kind != "classifier" or classifier_ckpt is not None):
                 tasks.append((sweep, cond0, guidance_kind, out / "sweeps" / family / guidance_kind, sweep_samples,
@@ -478,8 +474,7 @@ def run_main_job(out: Path, seeds: list[int], families=None, parts: dict[str, st
                               family))
                 labels.append(f"sweep:{family}/{guidance_kind}")
         for seed in (seeds if nfe_all_seeds else seeds[:1]):
-            uncond = next((Path(r.source) for r in by_part.get(next(iter(parts)), []) if r.ok
-                           and r.results["model"] == family and r.results["seed"] == seed), None)
+            uncond = run_of(next(iter(parts)), family, seed)
             if uncond is not None and nfe_samples > 0 and cls.samplers_at_nfe(NFE_POINTS[0]):
                 tasks.append((fid_vs_nfe, uncond, out, nfe_samples, extra, family, seed))
                 labels.append(f"fid_vs_nfe:{family}:{seed}")

@@ -247,3 +247,18 @@ def test_the_ddpm_ode_through_the_decoder_is_bound_terms_plus_ode_density_minus_
     expected = -bound_nats.numpy() + ode - noising
     assert abs((nats.numpy() - expected) / 4).max() < 1e-3
     assert ddpm.likelihood_details()["start"].startswith("decoder")
+
+
+@pytest.mark.parametrize("settings,match", [({"kind": "ode", "start": "sideways"}, "likelihood.start"),
+                                            ({"kind": "ode", "start": "dequantized", "start_step": 5}, "start_step"),
+                                            ({"kind": "ode", "start": "decoder", "start_step": 10_000}, "start_step")])
+def test_bad_ode_likelihood_settings_are_refused_when_the_model_is_built(settings, match):
+    import hydra
+
+    from models.configs import compose
+
+    from hydra.errors import InstantiationException
+
+    cfg = compose("train", ["experiment=smoke", "model=ddpm"])
+    with pytest.raises((ValueError, InstantiationException), match=match):   # Hydra wraps the model's error
+        hydra.utils.instantiate(cfg.model, likelihood=settings)

@@ -62,3 +62,37 @@ def test_a_toy_family_goes_through_every_stage_without_editing_a_list(toy_regist
     step = bare_loop("toy_gaussian", torch.device("cpu"), 16, (SEARCH_PATH,))
     for _ in range(3):
         step()
+
+
+def test_a_second_class_cannot_take_a_registered_familys_name(monkeypatch):
+    """Two classes claiming "ddpm" would make the registry's answer depend on import order."""
+    from models import registry
+    from models.base import GenerativeModule
+
+    monkeypatch.setattr(registry, "_FAMILIES", dict(registry._FAMILIES))
+    registry.families()
+    with pytest.raises(ValueError, match="family 'ddpm' is already models.ddpm.DDPM"):
+        type("Impostor", (GenerativeModule,), {"family": "ddpm"})
+    with pytest.raises(ValueError, match="unknown family 'nope'"):
+        registry.family_class("nope")
+
+
+def test_the_likelihood_table_is_the_mean_and_t_interval_and_refuses_a_malformed_estimator():
+    """scripts/likelihood_table.py: each estimator's row over seeds (scipy's t quantile as the
+    reference); a --estimator it cannot read stops with the form it expects, before any work."""
+    import numpy as np
+    from scipy import stats
+
+    from scripts.likelihood_table import markdown, parse_estimator
+
+    values = [5.0, 5.2, 4.9]
+    rows = {"ddpm": {"_seeds": [0, 1, 2], "elbo": {str(i): {"bpd": v, "seconds": 1.0} for i, v in enumerate(values)}},
+            "gan": {"_seeds": [0]}}
+    text = markdown(rows, 8)
+    half = stats.t.ppf(0.975, 2) * np.std(values, ddof=1) / np.sqrt(3)
+    assert f"| ddpm | elbo | {np.mean(values):.3f} ± {half:.3f} | 3 |" in text
+    assert "| gan | none (no likelihood) | – | 1 | – |" in text
+    assert parse_estimator("ddpm/k10:likelihood.kind=ode,likelihood.start_step=10") == \
+        ("ddpm", "k10", {"likelihood.kind": "ode", "likelihood.start_step": "10"})
+    with pytest.raises(SystemExit, match="FAMILY/LABEL:key=value"):
+        parse_estimator("ddpm:likelihood.kind")
